@@ -1,0 +1,320 @@
+"""Typed configuration: YAML files with `_base_` inheritance, loaded into dataclasses.
+
+YAML carries values; the dataclasses below carry types and defaults. Every section and key is
+checked: an unknown section or key, or a value of the wrong type, raises `ConfigError` with a
+one-line message that names the key and the file. Command-line overrides use
+`-o Section.key=value`; values are parsed with `ast.literal_eval` (never `eval`) and then
+type-checked like YAML values.
+"""
+from __future__ import annotations
+
+import ast
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration problem; tools print its message and exit with code 2."""
+
+
+# --------------------------------------------------------------------------------------------
+# Sections
+# --------------------------------------------------------------------------------------------
+@dataclass
+class GlobalConfig:
+    stage: str = "vq"  # which training stage tools/train.py runs: "vq" | "vilg"
+    seed: int = 0
+    output_dir: str = "output/run"
+    device: str = "cpu"  # "cpu" | "gpu"
+    # CPU threads for Paddle's kernels (0 = all cores of this machine). Paddle uses one
+    # thread unless told, so the tools set this before the first op.
+    num_threads: int = 0
+
+
+@dataclass
+class DataConfig:
+    train_manifest: str = ""
+    val_manifest: str = ""
+    test_manifest: str = ""
+    image_size: int = 64  # center crop + resize to this square size
+    batch_size: int = 16
+    num_workers: int = 0
+    # token shards written by tools/tokenize_images.py (for the transformer stages)
+    train_shards: str = ""
+    val_shards: str = ""
+    max_text_len: int = 32
+    vocab_file: str = ""  # WordPiece vocab.txt (built by tools/build_vocab.py)
+    tokenizer_ckpt: str = ""  # checkpoint folder of the image tokenizer
+
+
+@dataclass
+class VQConfig:
+    kind: str = "vqvae"  # registry name: "vqvae" (VQGAN / dVAE arrive with their issue)
+    in_channels: int = 3
+    hidden_channels: int = 64
+    # channel multiplier per resolution level; len(channel_mult) - 1 must equal log2(f)
+    channel_mult: list[int] = field(default_factory=lambda: [1, 2, 2, 4])
+    num_res_blocks: int = 1
+    downsample_factor: int = 8  # f: 4 / 8 / 16
+    codebook_size: int = 8192
+    embed_dim: int = 64
+    beta: float = 0.25  # commitment weight (Eq. 1 uses 1.0; VQ-VAE paper recommends 0.25)
+    use_ema: bool = False  # EMA codebook updates instead of the codebook loss term
+    ema_decay: float = 0.99
+    # codes unused for this many steps are restarted from random encoder outputs (0 = never)
+    dead_code_steps: int = 100
+    l2_normalize: bool = False  # cosine-similarity lookup (helps codebook usage)
+
+
+@dataclass
+class OptimizerConfig:
+    name: str = "adamw"
+    lr: float = 1e-3
+    min_lr: float = 0.0
+    warmup_steps: int = 0
+    schedule: str = "cosine"  # "constant" | "cosine"
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.99
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # global-norm clip (0 = off)
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 1000
+    max_minutes: float = 0.0  # stop (and save) after this wall time; 0 = no limit
+    log_every: int = 20
+    eval_every: int = 200
+    save_every: int = 500
+    keep_last: int = 2
+    eval_samples: int = 64  # images / texts used by periodic validation
+    resume: bool = True  # continue from the newest checkpoint in output_dir if present
+    progress_bar: bool = True
+
+
+@dataclass
+class ModelConfig:
+    """The bidirectional ERNIE-ViLG transformer (filled in by the model issue)."""
+
+    num_layers: int = 4
+    hidden_size: int = 128
+    num_heads: int = 4
+    ffn_mult: int = 4
+    dropout: float = 0.0
+    attention_impl: str = "sparse_blockwise"  # "dense" | "sparse_reference" | "sparse_blockwise"
+    conv_kernel: int = 11  # convolutional attention kernel (last layer)
+    text_vocab_size: int = 0  # 0 = from the vocab file
+    image_vocab_size: int = 0  # 0 = from the tokenizer checkpoint
+    max_text_len: int = 32
+    image_grid: int = 0  # h = w of the image token grid (0 = from the tokenizer)
+    layer_norm_eps: float = 1e-5
+    init_std: float = 0.02
+
+
+@dataclass
+class DistributedConfig:
+    """Fleet topology and memory features (filled in by the engine issue)."""
+
+    dp_degree: int = 1
+    sharding_degree: int = 1
+    sharding_stage: int = 1
+    offload: bool = False
+    recompute: str = "none"  # "none" | "full" | "every_k" | "attention_core"
+    recompute_every_k: int = 2
+    amp_dtype: str = "float32"  # "float32" | "float16" | "bfloat16"
+    amp_level: str = "O1"
+    accumulate_steps: int = 1
+    micro_batch_size: int = 0  # 0 = Data.batch_size
+
+
+@dataclass
+class GenerationConfig:
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+    num_candidates: int = 1
+    beam_size: int = 1
+    length_penalty: float = 1.0
+    max_text_len: int = 32
+    decode_strategy: str = "greedy"  # "greedy" | "beam" | "sampling" (image-to-text)
+
+
+@dataclass
+class Config:
+    Global: GlobalConfig = field(default_factory=GlobalConfig)
+    Data: DataConfig = field(default_factory=DataConfig)
+    VQ: VQConfig = field(default_factory=VQConfig)
+    Model: ModelConfig = field(default_factory=ModelConfig)
+    Optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    Train: TrainConfig = field(default_factory=TrainConfig)
+    Distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    Generation: GenerationConfig = field(default_factory=GenerationConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# --------------------------------------------------------------------------------------------
+# Type checking
+# --------------------------------------------------------------------------------------------
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Return `value` as type `tp`, or raise ConfigError. Only lossless conversions."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        raise ConfigError(errors[0] if errors else f"{where}: bad value {value!r}")
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list of {_type_name(item_tp)}, got {value!r}")
+        return [_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected bool, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected int, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        raise ConfigError(f"{where}: expected float, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{where}: expected str, got {value!r}")
+    raise ConfigError(f"{where}: unsupported field type {tp}")
+
+
+def _section_types(section_cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(section_cls)
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------
+def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, dict[str, Any]]:
+    """Read a YAML file, resolving `_base_` (a path or list of paths relative to the file)."""
+    path = path.resolve()
+    if path in seen:
+        raise ConfigError(f"{path}: _base_ cycle through {' -> '.join(str(p) for p in seen)}")
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ConfigError(f"{path}: not valid YAML ({first})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections")
+    bases = raw.pop("_base_", [])
+    if isinstance(bases, str):
+        bases = [bases]
+    merged: dict[str, dict[str, Any]] = {}
+    for base in bases:
+        base_data = _read_yaml(path.parent / base, seen + (path,))
+        for section, values in base_data.items():
+            merged.setdefault(section, {}).update(values)
+    for section, values in raw.items():
+        if values is None:
+            values = {}
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path}: section {section!r} must be a mapping, got {values!r}")
+        # remember which file set each key, for error messages
+        merged.setdefault(section, {}).update({k: (v, path) for k, v in values.items()})
+    return merged
+
+
+def _unwrap(value: Any, default_file: str) -> tuple[Any, str]:
+    if isinstance(value, tuple) and len(value) == 2 and isinstance(value[1], Path):
+        return value[0], str(value[1])
+    return value, default_file
+
+
+def parse_override(text: str) -> tuple[str, str, Any]:
+    """Split `Section.key=value`; the value goes through `ast.literal_eval` (strings may be bare)."""
+    if "=" not in text or "." not in text.split("=", 1)[0]:
+        raise ConfigError(f"override {text!r}: expected the form Section.key=value")
+    lhs, rhs = text.split("=", 1)
+    section, key = lhs.strip().split(".", 1)
+    rhs = rhs.strip()
+    if rhs.lower() in ("true", "false"):
+        return section, key, rhs.lower() == "true"
+    try:
+        value = ast.literal_eval(rhs)
+    except (ValueError, SyntaxError):
+        value = rhs  # a bare string such as a path
+    return section, key, value
+
+
+def build_config(data: dict[str, dict[str, Any]], source: str = "<dict>") -> Config:
+    """Validate a {section: {key: value}} mapping into a Config."""
+    cfg = Config()
+    section_fields = {f.name: f for f in dataclasses.fields(Config)}
+    for section, values in data.items():
+        if section not in section_fields:
+            raise ConfigError(
+                f"{source}: unknown section {section!r} (known: {', '.join(section_fields)})"
+            )
+        target = getattr(cfg, section)
+        hints = _section_types(type(target))
+        for key, value in values.items():
+            value, where_file = _unwrap(value, source)
+            if key not in hints:
+                raise ConfigError(
+                    f"{where_file}: unknown key {section}.{key} (known: {', '.join(hints)})"
+                )
+            setattr(target, key, _coerce(value, hints[key], f"{where_file}: {section}.{key}"))
+    return cfg
+
+
+def load_config(path: str | Path | None, overrides: Optional[list[str]] = None) -> Config:
+    """Load a YAML config (with `_base_`) and apply `Section.key=value` overrides."""
+    data: dict[str, dict[str, Any]] = _read_yaml(Path(path)) if path else {}
+    source = str(Path(path).resolve()) if path else "<defaults>"
+    for text in overrides or []:
+        section, key, value = parse_override(text)
+        data.setdefault(section, {})[key] = (value, Path(f"-o {text}"))
+    return build_config(data, source)
+
+
+def config_from_dict(data: dict[str, dict[str, Any]], source: str = "<dict>") -> Config:
+    """Rebuild a Config from `Config.to_dict()` output (e.g. a checkpoint's config.yaml)."""
+    return build_config(data, source)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Write the resolved config as YAML (every checkpoint folder stores one)."""
+    text = yaml.safe_dump(cfg.to_dict(), allow_unicode=True, sort_keys=False)
+    Path(path).write_text(text, encoding="utf-8")
+
+
+def load_saved_config(path: str | Path) -> Config:
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: checkpoint has no config.yaml") from None
+    return build_config(data, str(path))

@@ -1,0 +1,59 @@
+"""The contract between the one Trainer and each training stage (tokenizer, bidirectional model, ...).
+
+A stage is a `TrainModule`: it builds its model, its data and its losses; the Trainer owns the
+loop, the optimizer, schedules, logging, validation cadence, checkpoints and (later) the Fleet
+wrapping. Stages never see the optimizer or the distributed wrappers.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Iterator, Protocol
+
+import paddle
+
+from ernie_vilg.config import Config
+
+
+class ResumableBatches(Protocol):
+    """An endless iterator of batches whose position can be saved and restored exactly."""
+
+    def __iter__(self) -> Iterator[Any]: ...
+
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def set_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+class TrainModule(Protocol):
+    name: str  # e.g. "vq", "vilg"
+
+    def build_model(self) -> paddle.nn.Layer:
+        """Create the trainable model (weights initialised from cfg.Global.seed)."""
+
+    def train_batches(self, rank: int, world_size: int) -> ResumableBatches:
+        """Training batches for this data-parallel rank."""
+
+    def training_step(self, model: paddle.nn.Layer, batch: Any, step: int) -> tuple[paddle.Tensor, dict[str, float]]:
+        """Forward pass: (scalar loss to minimise, float logs such as per-direction losses)."""
+
+    def validate(self, model: paddle.nn.Layer, step: int) -> dict[str, float]:
+        """Periodic validation metrics (model is in eval mode, no grad)."""
+
+    def save_extras(self, model: paddle.nn.Layer, ckpt_dir: Path) -> None:
+        """Write what a `--ckpt DIR` loader needs besides weights + config (vocab, tokenizer ref)."""
+
+
+def module_for(cfg: Config) -> TrainModule:
+    """Registry: Global.stage -> TrainModule."""
+    stage = cfg.Global.stage
+    if stage == "vq":
+        from ernie_vilg.vq.module import VQTrainModule
+
+        return VQTrainModule(cfg)
+    if stage == "vilg":
+        from ernie_vilg.models.module import VilgTrainModule
+
+        return VilgTrainModule(cfg)
+    from ernie_vilg.config import ConfigError
+
+    raise ConfigError(f"Global.stage: unknown stage {stage!r} (known: vq, vilg)")
