@@ -186,3 +186,34 @@ def set_model_state(model: paddle.nn.Layer, state: dict[str, Any], ckpt: Path) -
                 f"{list(own[key].shape)} in the model (checkpoint from a different config?)"
             )
     model.set_state_dict(state)
+
+
+def _param_names(model: paddle.nn.Layer) -> dict[str, str]:
+    """Paddle's auto-generated parameter name (e.g. linear_4.w_0) -> structured key."""
+    return {p.name: key for key, p in model.named_parameters()}
+
+
+def _rename_state(state: dict[str, Any], mapping: dict[str, str]) -> dict[str, Any]:
+    # longest prefix first so that linear_1.w_0 never claims linear_1.w_0x keys
+    prefixes = sorted(mapping, key=len, reverse=True)
+    out: dict[str, Any] = {}
+    for key, value in state.items():
+        if isinstance(value, dict):
+            out[key] = _rename_state(value, mapping)
+            continue
+        for prefix in prefixes:
+            if key == prefix or key.startswith(prefix + "_"):
+                key = mapping[prefix] + key[len(prefix):]
+                break
+        out[key] = value
+    return out
+
+
+def optimizer_state_to_structured(opt_state: dict[str, Any], model: paddle.nn.Layer) -> dict[str, Any]:
+    """Key optimizer state by structured parameter names, so that a checkpoint loads into a
+    model built in another process (Paddle's auto names depend on construction order)."""
+    return _rename_state(opt_state, {auto: "@" + key for auto, key in _param_names(model).items()})
+
+
+def optimizer_state_from_structured(state: dict[str, Any], model: paddle.nn.Layer) -> dict[str, Any]:
+    return _rename_state(state, {"@" + key: auto for auto, key in _param_names(model).items()})

@@ -21,7 +21,8 @@ from tqdm import tqdm
 
 from ernie_vilg.config import Config, ConfigError
 from ernie_vilg.training.checkpoint import (
-    latest_checkpoint, load_model_state, save_checkpoint, set_model_state,
+    latest_checkpoint, load_model_state, optimizer_state_from_structured,
+    optimizer_state_to_structured, save_checkpoint, set_model_state,
 )
 from ernie_vilg.training.module import TrainModule
 
@@ -58,6 +59,12 @@ def build_optimizer(model: paddle.nn.Layer, cfg: Config) -> paddle.optimizer.Opt
     )
 
 
+def _numpy_rng_state() -> list[Any]:
+    # plain Python values: paddle.save would turn the uint32 key array into a tensor it cannot hold
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return [kind, keys.tolist(), int(pos), int(has_gauss), float(gauss)]
+
+
 class Trainer:
     def __init__(self, cfg: Config, module: TrainModule, rank: int = 0, world_size: int = 1) -> None:
         self.cfg = cfg
@@ -90,7 +97,7 @@ class Trainer:
             "skipped_steps": self.skipped_steps,
             "data": self.batches.state_dict(),
             "rng_paddle": paddle.get_rng_state(),
-            "rng_numpy": np.random.get_state(),
+            "rng_numpy": _numpy_rng_state(),
         }
 
     def save(self, name: Optional[str] = None) -> Path:
@@ -99,7 +106,8 @@ class Trainer:
         meta = {"stage": self.module.name, "produced_by": "ernie_vilg.training.Trainer",
                 "world_size": self.world_size}
         path = save_checkpoint(
-            self.ckpt_root, self.step, self.cfg, self.model.state_dict(), self.optimizer.state_dict(),
+            self.ckpt_root, self.step, self.cfg, self.model.state_dict(),
+            optimizer_state_to_structured(self.optimizer.state_dict(), self.model),
             self.state(), meta, extras=lambda d: self.module.save_extras(self.model, d),
             keep_last=self.cfg.Train.keep_last, name=name,
         )
@@ -112,13 +120,15 @@ class Trainer:
             return False
         set_model_state(self.model, load_model_state(ckpt), ckpt)
         if (ckpt / "optimizer.pdopt").is_file():
-            self.optimizer.set_state_dict(paddle.load(str(ckpt / "optimizer.pdopt")))
+            opt_state = paddle.load(str(ckpt / "optimizer.pdopt"))
+            self.optimizer.set_state_dict(optimizer_state_from_structured(opt_state, self.model))
         state = paddle.load(str(ckpt / "trainer_state.pd"))
         self.step = int(state["step"])
         self.skipped_steps = int(state.get("skipped_steps", 0))
         self.batches.set_state_dict(state["data"])
         paddle.set_rng_state(state["rng_paddle"])
-        np.random.set_state(state["rng_numpy"])
+        kind, keys, pos, has_gauss, gauss = state["rng_numpy"]
+        np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
         log.info("resumed from %s at step %d", ckpt, self.step)
         return True
 
@@ -141,8 +151,11 @@ class Trainer:
                                                              if isinstance(v, (int, float))))
         return metrics
 
-    def fit(self) -> dict[str, Any]:
+    def fit(self, until_step: Optional[int] = None) -> dict[str, Any]:
+        """Train to Train.max_steps (or stop early at `until_step`, saving, as a job with a
+        time limit would); a later fit() resumes from the newest checkpoint."""
         cfg = self.cfg.Train
+        stop = min(until_step or cfg.max_steps, cfg.max_steps)
         if cfg.resume:
             self.resume()
         self.model.train()
@@ -153,7 +166,7 @@ class Trainer:
         window: list[dict[str, float]] = []
         last_val: dict[str, float] = {}
         timed_out = False
-        while self.step < cfg.max_steps:
+        while self.step < stop:
             lr = learning_rate(self.step, self.cfg)
             self.optimizer.set_lr(lr)
             t0 = time.time()

@@ -1,0 +1,126 @@
+"""The Trainer's loop, checkpoints and exact resume, with a tiny stand-in stage."""
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import paddle
+import pytest
+
+from ernie_vilg.config import load_config
+from ernie_vilg.training.checkpoint import (
+    CheckpointError, list_checkpoints, resolve_checkpoint, save_checkpoint, set_model_state,
+)
+from ernie_vilg.training.trainer import Trainer, learning_rate
+
+
+class CountingBatches:
+    def __init__(self, seed: int) -> None:
+        self.seed, self.pos = seed, 0
+
+    def __iter__(self):
+        while True:
+            rng = np.random.default_rng(self.seed * 1000 + self.pos)
+            self.pos += 1
+            x = rng.normal(size=(8, 4)).astype("float32")
+            yield {"x": x, "y": x @ np.arange(1, 5, dtype="float32")[:, None]}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"pos": self.pos}
+
+    def set_state_dict(self, s: dict[str, Any]) -> None:
+        self.pos = s["pos"]
+
+
+class LinearStage:
+    name = "toy"
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+
+    def build_model(self):
+        paddle.seed(self.cfg.Global.seed)
+        return paddle.nn.Sequential(paddle.nn.Linear(4, 8), paddle.nn.Dropout(0.2), paddle.nn.Linear(8, 1))
+
+    def train_batches(self, rank, world_size):
+        return CountingBatches(self.cfg.Global.seed)
+
+    def training_step(self, model, batch, step):
+        pred = model(paddle.to_tensor(batch["x"]))
+        loss = paddle.mean((pred - paddle.to_tensor(batch["y"])) ** 2)
+        return loss, {}
+
+    def validate(self, model, step):
+        return {"val_metric": float(step)}
+
+    def save_extras(self, model, d: Path):
+        (d / "extra.txt").write_text("hello")
+
+
+def make_cfg(tmp_path, steps, **kw):
+    o = [f"Global.output_dir={tmp_path}", f"Train.max_steps={steps}", "Train.log_every=1",
+         "Train.eval_every=0", "Train.save_every=3", "Train.keep_last=2", "Optimizer.lr=0.01",
+         "Optimizer.warmup_steps=2", "Train.progress_bar=false"]
+    o += [f"{k}={v}" for k, v in kw.items()]
+    return load_config(None, o)
+
+
+def train_losses(trainer):
+    return [r["loss"] for r in trainer.history if r.get("split") == "train"]
+
+
+def test_resume_continues_the_same_run_exactly(tmp_path):
+    full = Trainer(make_cfg(tmp_path / "a", 8), LinearStage(make_cfg(tmp_path / "a", 8)))
+    full.fit()
+    first = Trainer(make_cfg(tmp_path / "b", 8), LinearStage(make_cfg(tmp_path / "b", 8)))
+    first.fit(until_step=5)
+    second = Trainer(make_cfg(tmp_path / "b", 8), LinearStage(make_cfg(tmp_path / "b", 8)))
+    second.fit()
+    assert second.history[0]["step"] == 6  # resumed, not restarted
+    assert np.allclose(train_losses(first) + train_losses(second), train_losses(full), atol=0, rtol=0)
+    for (k, a), (_, b) in zip(full.model.state_dict().items(), second.model.state_dict().items()):
+        assert np.array_equal(a.numpy(), b.numpy()), k
+
+
+def test_checkpoint_folder_is_complete_and_pruned(tmp_path):
+    cfg = make_cfg(tmp_path, 9)
+    Trainer(cfg, LinearStage(cfg)).fit()
+    ckpts = list_checkpoints(tmp_path / "checkpoints")
+    assert [c.name for c in ckpts] == ["step-00000006", "step-00000009"]  # keep_last=2
+    last = resolve_checkpoint(tmp_path)
+    assert last == ckpts[-1]
+    for f in ("model.pdparams", "optimizer.pdopt", "trainer_state.pd", "config.yaml", "meta.json", "extra.txt"):
+        assert (last / f).is_file(), f
+    assert "max_steps: 9" in (last / "config.yaml").read_text()
+
+
+def test_interrupted_save_is_ignored(tmp_path):
+    cfg = make_cfg(tmp_path, 3)
+    Trainer(cfg, LinearStage(cfg)).fit()
+    root = tmp_path / "checkpoints"
+    # a crashed save: temporary folder with partial content
+    broken = root / "step-00000099.tmp-999999"
+    broken.mkdir()
+    (broken / "model.pdparams").write_bytes(b"partial")
+    assert resolve_checkpoint(tmp_path).name == "step-00000003"
+    # a step folder missing meta.json is not complete either
+    half = root / "step-00000050"
+    half.mkdir()
+    (half / "model.pdparams").write_bytes(b"x")
+    assert resolve_checkpoint(tmp_path).name == "step-00000003"
+    with pytest.raises(CheckpointError, match="missing config.yaml, meta.json"):
+        resolve_checkpoint(half)
+
+
+def test_shape_mismatch_names_the_key(tmp_path):
+    model = paddle.nn.Linear(4, 2)
+    other = paddle.nn.Linear(4, 3)
+    with pytest.raises(CheckpointError, match=r"weight has shape \[4, 3\]"):
+        set_model_state(model, other.state_dict(), tmp_path)
+
+
+def test_warmup_then_cosine():
+    cfg = load_config(None, ["Optimizer.lr=1.0", "Optimizer.warmup_steps=4", "Train.max_steps=14",
+                             "Optimizer.min_lr=0.1"])
+    lrs = [learning_rate(s, cfg) for s in range(15)]
+    assert lrs[0] == pytest.approx(0.25) and lrs[3] == pytest.approx(1.0)
+    assert lrs[4] == pytest.approx(1.0) and lrs[9] == pytest.approx(0.55) and lrs[14] == pytest.approx(0.1)
