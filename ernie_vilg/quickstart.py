@@ -1,0 +1,155 @@
+"""The quickstart: the whole ERNIE-ViLG pipeline on the synthetic shapes world, on one CPU.
+
+Stages (each is skipped when its output is already complete, so a re-run resumes):
+  1. shapes world       data/{train,val,test}.jsonl + images
+  2. image tokenizer    vq/checkpoints/step-*  (tools/train.py -c configs/vq/shapes_vqvae.yaml)
+  3. token shards       tokens/{train,val,test}
+  4. text vocab         vocab.txt
+  5. ERNIE-ViLG         vilg/checkpoints/step-*  (tools/train.py -c configs/vilg/shapes.yaml)
+  6. evaluation         metrics.json, captions.jsonl, samples/grid.png (held-out test images)
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from ernie_vilg.config import Config, load_config
+
+log = logging.getLogger("ernie_vilg.quickstart")
+
+REPO_CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+@dataclass
+class QuickstartPlan:
+    num_train: int = 6000
+    num_val: int = 200
+    num_test: int = 200
+    image_size: int = 64
+    seed: int = 0
+    vq_config: str = "vq/shapes_vqvae.yaml"
+    vilg_config: str = "vilg/shapes.yaml"
+    vq_overrides: tuple[str, ...] = ()
+    vilg_overrides: tuple[str, ...] = ()
+    eval_images: int = 200  # held-out test items scored in both directions
+
+
+# A smoke version of the same pipeline for the end-to-end test (minutes -> seconds).
+SMOKE_PLAN = QuickstartPlan(
+    num_train=64, num_val=16, num_test=16, vq_config="vq/tiny_vqvae.yaml", vilg_config="vilg/tiny.yaml",
+    eval_images=8,
+)
+
+
+def _banner(text: str) -> None:
+    print(f"\n==> {text}", flush=True)
+
+
+def _load(name: str, overrides: list[str]) -> Config:
+    return load_config(REPO_CONFIGS / name, overrides)
+
+
+def run_quickstart(out: str | Path, plan: Optional[QuickstartPlan] = None, threads: int = 0) -> dict[str, Any]:
+    from ernie_vilg.runtime import configure_threads, seed_everything
+    from ernie_vilg.training.checkpoint import latest_checkpoint
+    from ernie_vilg.training.module import module_for
+    from ernie_vilg.training.trainer import Trainer
+
+    plan = plan or QuickstartPlan()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    configure_threads(threads)
+    timings: dict[str, float] = {}
+    t_all = time.time()
+
+    # 1. data ------------------------------------------------------------------------------
+    data = out / "data"
+    t0 = time.time()
+    if not (data / "test.jsonl").is_file():
+        from ernie_vilg.data.shapes import write_shapes_dataset
+
+        _banner(f"1/6 shapes world: {plan.num_train} train / {plan.num_val} val / {plan.num_test} test images")
+        write_shapes_dataset(data, plan.num_train, plan.num_val, plan.num_test, size=plan.image_size,
+                             seed=plan.seed, progress=True)
+    else:
+        _banner("1/6 shapes world: already written")
+    timings["data"] = time.time() - t0
+
+    # 2. image tokenizer --------------------------------------------------------------------
+    t0 = time.time()
+    vq_cfg = _load(plan.vq_config, [
+        f"Global.output_dir={out / 'vq'}", f"Global.seed={plan.seed}",
+        f"Data.train_manifest={data / 'train.jsonl'}", f"Data.val_manifest={data / 'val.jsonl'}",
+        f"Data.test_manifest={data / 'test.jsonl'}", f"Data.image_size={plan.image_size}",
+        *plan.vq_overrides,
+    ])
+    vq_ckpt = latest_checkpoint(out / "vq" / "checkpoints")
+    if vq_ckpt is None or _meta_step(vq_ckpt) < vq_cfg.Train.max_steps:
+        _banner(f"2/6 image tokenizer ({plan.vq_config})")
+        seed_everything(vq_cfg.Global.seed)
+        Trainer(vq_cfg, module_for(vq_cfg)).fit()
+        vq_ckpt = latest_checkpoint(out / "vq" / "checkpoints")
+    else:
+        _banner("2/6 image tokenizer: already trained")
+    timings["tokenizer"] = time.time() - t0
+    assert vq_ckpt is not None
+
+    # 3. token shards -------------------------------------------------------------------------
+    from ernie_vilg.data.tokenize_images import tokenize_manifest
+
+    t0 = time.time()
+    _banner("3/6 tokenize images")
+    for split in ("train", "val", "test"):
+        if not (out / "tokens" / split / "info.json").is_file():
+            summary = tokenize_manifest(vq_ckpt, data / f"{split}.jsonl", out / "tokens" / split)
+            log.info("tokens/%s: %s", split, summary)
+    timings["tokenize"] = time.time() - t0
+
+    # 4. vocab ------------------------------------------------------------------------------
+    from ernie_vilg.text.vocab import build_vocab
+
+    vocab = out / "vocab.txt"
+    if not vocab.is_file():
+        _banner("4/6 text vocab")
+        build_vocab([data / "train.jsonl", data / "val.jsonl"], vocab)
+
+    # 5. ERNIE-ViLG --------------------------------------------------------------------------
+    t0 = time.time()
+    vilg_cfg = _load(plan.vilg_config, [
+        f"Global.output_dir={out / 'vilg'}", f"Global.seed={plan.seed}",
+        f"Data.train_shards={out / 'tokens' / 'train'}", f"Data.val_shards={out / 'tokens' / 'val'}",
+        f"Data.vocab_file={vocab}", f"Data.tokenizer_ckpt={vq_ckpt}", *plan.vilg_overrides,
+    ])
+    vilg_ckpt = latest_checkpoint(out / "vilg" / "checkpoints")
+    if vilg_ckpt is None or _meta_step(vilg_ckpt) < vilg_cfg.Train.max_steps:
+        _banner(f"5/6 ERNIE-ViLG, both directions ({plan.vilg_config})")
+        seed_everything(vilg_cfg.Global.seed)
+        Trainer(vilg_cfg, module_for(vilg_cfg)).fit()
+        vilg_ckpt = latest_checkpoint(out / "vilg" / "checkpoints")
+    else:
+        _banner("5/6 ERNIE-ViLG: already trained")
+    timings["vilg"] = time.time() - t0
+    assert vilg_ckpt is not None
+
+    # 6. evaluation -------------------------------------------------------------------------
+    from ernie_vilg.generation.evaluate import evaluate_both_directions
+
+    t0 = time.time()
+    _banner(f"6/6 evaluate both directions on {plan.eval_images} held-out test images")
+    metrics = evaluate_both_directions(vilg_ckpt, out / "tokens" / "test", out, max_items=plan.eval_images,
+                                       seed=plan.seed)
+    timings["evaluate"] = time.time() - t0
+    timings["total"] = time.time() - t_all
+    result = {"metrics": metrics, "seconds": timings, "tokenizer_ckpt": str(vq_ckpt),
+              "vilg_ckpt": str(vilg_ckpt), "plan": plan.__dict__}
+    (out / "metrics.json").write_text(json.dumps(result, ensure_ascii=False, indent=1, default=list),
+                                      encoding="utf-8")
+    return result
+
+
+def _meta_step(ckpt: Path) -> int:
+    return int(json.loads((ckpt / "meta.json").read_text(encoding="utf-8")).get("step", 0))
