@@ -2,15 +2,20 @@
 
 A checkpoint is a folder that any tool loads with `--ckpt DIR` alone:
 
-    model.pdparams      model weights (state_dict)
-    optimizer.pdopt     optimizer state (each rank its shard under sharding)
-    trainer_state.pd    step, data position, RNG states, scaler state
+    model.pdparams      model weights (state_dict; full weights even under sharding)
+    optimizer.pdopt     optimizer state, keyed by structured parameter names (single process / dp)
+    optimizer.shard-SS-of-NN.pdopt   under sharding: sharding rank SS's part (saved by dp rank 0)
+    trainer_state.pd    step, data position, RNG states, scaler state (rank 0's)
+    rank_state.RRRRR.pd each rank's data position and RNG states (multi-process runs)
     config.yaml         the resolved config
     meta.json           what produced it (written last: its presence marks a complete folder)
     ...                 stage extras (vocab.txt, tokenizer/ ...)
 
-Saving writes everything into `<name>.tmp-<pid>` and renames it to `<name>` at the end, so a
-crash mid-save leaves only a temporary folder that loading ignores and the next save removes.
+Saving writes everything into `<name>.tmp-<pid of rank 0>` and renames it to `<name>` at the
+end, so a crash mid-save leaves only a temporary folder that loading ignores and the next save
+removes. Stage-1 / stage-2 optimizer shards hold whole parameters' states, so their union is the
+full optimizer state and loads under any sharding degree; stage 3 shards hold flat slices and
+load only under the degree that wrote them (`load_optimizer_state` says so).
 These are the project's own files: `paddle.load` is used on them; never point it at a file
 from outside (use `ernie_vilg.convert` readers for those).
 """
@@ -49,6 +54,69 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _fsync_files(folder: Path, names: Optional[list[str]] = None) -> None:
+    for f in folder.iterdir():
+        if f.is_file() and (names is None or f.name in names):
+            with f.open("rb") as fh:
+                os.fsync(fh.fileno())
+
+
+def begin_checkpoint(root: str | Path, step: int, name: Optional[str] = None,
+                     tag: Optional[int] = None, create: bool = True) -> tuple[Path, Path]:
+    """(temporary folder, final folder) of a checkpoint being written.
+
+    `tag` names the temporary folder (default: this pid); multi-process saves pass rank 0's pid
+    so that every rank writes into the same folder and a dead job's leftovers can be detected."""
+    root = Path(root)
+    final = root / (name or f"step-{step:08d}")
+    tmp = root / f"{final.name}.tmp-{tag if tag is not None else os.getpid()}"
+    if create:
+        root.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    return tmp, final
+
+
+def commit_checkpoint(
+    tmp: Path,
+    final: Path,
+    step: int,
+    cfg: Config,
+    model_state: dict[str, Any],
+    optimizer_state: Optional[dict[str, Any]] = None,
+    trainer_state: Optional[dict[str, Any]] = None,
+    meta: Optional[dict[str, Any]] = None,
+    extras: Optional[Callable[[Path], None]] = None,
+    keep_last: int = 0,
+) -> Path:
+    """Write the shared files into `tmp`, meta.json last, then rename `tmp` to `final`."""
+    root = final.parent
+    paddle.save(model_state, str(tmp / "model.pdparams"))
+    if optimizer_state is not None:
+        paddle.save(optimizer_state, str(tmp / "optimizer.pdopt"))
+    if trainer_state is not None:
+        paddle.save(trainer_state, str(tmp / "trainer_state.pd"))
+    save_config(cfg, tmp / "config.yaml")
+    if extras is not None:
+        extras(tmp)
+    info = {"step": step, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **(meta or {})}
+    (tmp / "meta.json").write_text(json.dumps(info, ensure_ascii=False, indent=1), encoding="utf-8")
+    _fsync_files(tmp)
+    _fsync_dir(tmp)
+    if final.exists():  # re-saving the same step (e.g. final save after a periodic one)
+        old = root / f"{final.name}.old-{os.getpid()}"
+        final.rename(old)
+        tmp.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        tmp.rename(final)
+    _fsync_dir(root)
+    if keep_last > 0:
+        prune_checkpoints(root, keep_last)
+    return final
+
+
 def save_checkpoint(
     root: str | Path,
     step: int,
@@ -62,39 +130,119 @@ def save_checkpoint(
     name: Optional[str] = None,
 ) -> Path:
     """Write `root/step-XXXXXXXX` (or `root/<name>`) atomically; prune to `keep_last` folders."""
-    root = Path(root)
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / (name or f"step-{step:08d}")
-    tmp = root / f"{final.name}.tmp-{os.getpid()}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    paddle.save(model_state, str(tmp / "model.pdparams"))
-    if optimizer_state is not None:
-        paddle.save(optimizer_state, str(tmp / "optimizer.pdopt"))
-    if trainer_state is not None:
-        paddle.save(trainer_state, str(tmp / "trainer_state.pd"))
-    save_config(cfg, tmp / "config.yaml")
-    if extras is not None:
-        extras(tmp)
-    info = {"step": step, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **(meta or {})}
-    (tmp / "meta.json").write_text(json.dumps(info, ensure_ascii=False, indent=1), encoding="utf-8")
-    for f in tmp.iterdir():
-        if f.is_file():
-            with f.open("rb") as fh:
-                os.fsync(fh.fileno())
-    _fsync_dir(tmp)
-    if final.exists():  # re-saving the same step (e.g. final save after a periodic one)
-        old = root / f"{final.name}.old-{os.getpid()}"
-        final.rename(old)
-        tmp.rename(final)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(final)
-    _fsync_dir(root)
-    if keep_last > 0:
-        prune_checkpoints(root, keep_last)
-    return final
+    tmp, final = begin_checkpoint(root, step, name)
+    return commit_checkpoint(tmp, final, step, cfg, model_state, optimizer_state, trainer_state,
+                             meta, extras, keep_last)
+
+
+# ---- per-rank files of multi-process runs ----------------------------------------------------
+SHARD_FILE = re.compile(r"^optimizer\.shard-(\d+)-of-(\d+)\.pdopt$")
+
+
+def optimizer_shard_name(sharding_rank: int, sharding_degree: int) -> str:
+    return f"optimizer.shard-{sharding_rank:02d}-of-{sharding_degree:02d}.pdopt"
+
+
+def rank_state_name(rank: int) -> str:
+    return f"rank_state.{rank:05d}.pd"
+
+
+def save_file(obj: Any, folder: Path, filename: str) -> None:
+    """One rank's file into a checkpoint being written (fsynced before the commit barrier)."""
+    paddle.save(obj, str(folder / filename))
+    _fsync_files(folder, [filename])
+
+
+def read_meta(ckpt: Path) -> dict[str, Any]:
+    try:
+        return json.loads((ckpt / "meta.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+
+
+def optimizer_shards(ckpt: Path) -> list[Path]:
+    """The shard files of a sharded checkpoint, checked to be complete; [] if not sharded."""
+    found = {}
+    for f in ckpt.iterdir():
+        m = SHARD_FILE.match(f.name)
+        if m:
+            found[int(m.group(1))] = (int(m.group(2)), f)
+    if not found:
+        return []
+    degrees = {n for n, _ in found.values()}
+    if len(degrees) != 1:
+        raise CheckpointError(f"{ckpt}: optimizer shards of different sharding degrees {sorted(degrees)}")
+    (degree,) = degrees
+    missing = [optimizer_shard_name(r, degree) for r in range(degree) if r not in found]
+    if missing:
+        raise CheckpointError(f"{ckpt}: incomplete sharded optimizer state, missing {', '.join(missing)}")
+    return [found[r][1] for r in range(degree)]
+
+
+def _load(path: Path) -> Any:
+    try:
+        return paddle.load(str(path))
+    except Exception as exc:  # paddle raises assorted types for truncated files
+        raise CheckpointError(f"{path}: cannot load ({type(exc).__name__}: {exc})") from None
+
+
+def merge_optimizer_shards(shards: list[dict[str, Any]], where: Path) -> dict[str, Any]:
+    """Union of stage-1 / stage-2 shards (disjoint parameters; shared scalars such as the LR
+    scheduler are taken from the first shard)."""
+    merged: dict[str, Any] = {}
+    for shard in shards:
+        for key, value in shard.items():
+            if isinstance(value, dict):
+                part = merged.setdefault(key, {})
+                overlap = set(part) & set(value)
+                if overlap and key == "master_weights":
+                    raise CheckpointError(f"{where}: master weights of {sorted(overlap)[:3]} in two shards")
+                part.update({k: v for k, v in value.items() if k not in part})
+            elif key in merged:
+                if key != "LR_Scheduler":
+                    raise CheckpointError(f"{where}: optimizer key {key} appears in two shards")
+            else:
+                merged[key] = value
+    return merged
+
+
+def load_optimizer_state(ckpt: Path, sharding_rank: int = 0, sharding_degree: int = 1) -> Optional[dict[str, Any]]:
+    """The structured optimizer state this rank needs, or None if the checkpoint has none.
+
+    Whole-parameter layouts (single process, dp, stage 1, stage 2) return the full state, from
+    which each sharded optimizer takes its own parameters, so any sharding degree works. A stage-3
+    checkpoint stores flat slices whose boundaries depend on the degree: it loads only under the
+    same degree."""
+    if (ckpt / "optimizer.pdopt").is_file():
+        return _load(ckpt / "optimizer.pdopt")
+    files = optimizer_shards(ckpt)
+    if not files:
+        return None
+    meta = read_meta(ckpt)
+    if meta.get("optimizer_layout") == "sliced":
+        saved = len(files)
+        if saved != sharding_degree or meta.get("sharding_stage") != 3:
+            raise CheckpointError(
+                f"{ckpt}: optimizer state was saved by sharding stage 3 with sharding_degree={saved}; "
+                f"stage 3 stores flat per-rank slices of each parameter whose boundaries depend on the "
+                f"degree, so it resumes only with Distributed.sharding_stage=3 and sharding_degree={saved} "
+                f"(the weights in model.pdparams are complete: tools/merge_checkpoint.py --weights-only "
+                f"makes a checkpoint that starts a fresh optimizer under any layout)")
+        return _load(files[sharding_rank])
+    return merge_optimizer_shards([_load(f) for f in files], ckpt)
+
+
+def state_bytes(state: Any) -> int:
+    """Bytes of all tensors in a (nested) state dict."""
+    if isinstance(state, dict):
+        return sum(state_bytes(v) for v in state.values())
+    if isinstance(state, (list, tuple)):
+        return sum(state_bytes(v) for v in state)
+    if isinstance(state, paddle.Tensor):
+        return int(state.numel()) * state.element_size()
+    if hasattr(state, "nbytes"):
+        return int(state.nbytes)
+    return 0
 
 
 def list_checkpoints(root: str | Path) -> list[Path]:

@@ -1,9 +1,17 @@
 """The one Trainer that every training stage uses (tokenizer, bidirectional model, fine-tuning).
 
 It owns the loop, the optimizer and schedule, logging, validation cadence, checkpoints and
-resume. The stage (a `TrainModule`) owns the model, data and losses. Distributed wrapping,
-AMP and accumulation hang off `_wrap` / `_forward_backward` so the engine issue can extend
-them without forking the loop.
+resume. The stage (a `TrainModule`) owns the model, data and losses. The `Distributed` config
+section drives the rest without forking the loop:
+
+    _wrap()              Fleet topology and per-stage wrapping (`distributed.py`), AMP decoration
+    _forward_backward()  gradient accumulation (micro batches, `no_sync`), autocast, loss scaling
+    _apply_update()      optimizer step; skipped steps (inf/nan) agreed on by all ranks
+    save() / resume()    each rank its optimizer shard, per-rank data position and RNG
+
+Optional stage hooks (duck-typed, so existing stages need nothing): a `"tokens"` entry in the
+logs of `training_step` (tokens in that micro batch) enables tokens/s, and a
+`flops_per_token() -> float` method enables model FLOP/s.
 """
 from __future__ import annotations
 
@@ -20,10 +28,15 @@ import paddle
 from tqdm import tqdm
 
 from ernie_vilg.config import Config, ConfigError
+from ernie_vilg.training import amp
 from ernie_vilg.training.checkpoint import (
-    latest_checkpoint, load_model_state, optimizer_state_from_structured,
-    optimizer_state_to_structured, save_checkpoint, set_model_state,
+    CheckpointError, begin_checkpoint, commit_checkpoint, latest_checkpoint, load_model_state,
+    load_optimizer_state, optimizer_shard_name, optimizer_state_from_structured,
+    optimizer_state_to_structured, rank_state_name, read_meta, save_checkpoint, save_file,
+    set_model_state, state_bytes,
 )
+from ernie_vilg.training.distributed import ParallelContext
+from ernie_vilg.training.logging import MetricsLogger
 from ernie_vilg.training.module import TrainModule
 
 log = logging.getLogger(__name__)
@@ -45,7 +58,8 @@ def learning_rate(step: int, cfg: Config) -> float:
 
 def build_optimizer(model: paddle.nn.Layer, cfg: Config) -> paddle.optimizer.Optimizer:
     """AdamW; weight decay only on tensors with >= 2 dims (no param groups: stage-1 sharding
-    rejects them, so decay is selected with apply_decay_param_fun)."""
+    rejects them, so decay is selected with apply_decay_param_fun). Under AMP O2 the optimizer
+    keeps float32 master weights (multi_precision)."""
     o = cfg.Optimizer
     if o.name != "adamw":
         raise ConfigError(f"Optimizer.name: unknown optimizer {o.name!r} (known: adamw)")
@@ -55,8 +69,50 @@ def build_optimizer(model: paddle.nn.Layer, cfg: Config) -> paddle.optimizer.Opt
     return paddle.optimizer.AdamW(
         learning_rate=o.lr, beta1=o.beta1, beta2=o.beta2, epsilon=o.eps, parameters=params,
         weight_decay=o.weight_decay, apply_decay_param_fun=lambda name: name in decay,
-        grad_clip=clip,
+        grad_clip=clip, multi_precision=amp.multi_precision(cfg.Distributed),
     )
+
+
+def split_batch(batch: Any, parts: int) -> list[Any]:
+    """Split a batch along its first axis into `parts` equal micro batches.
+
+    Arrays / tensors / lists whose length is the batch size are split; everything else (scalars,
+    strings, per-batch metadata) is repeated in every part."""
+    if parts == 1:
+        return [batch]
+    size = _batch_len(batch)
+    if size is None or size % parts:
+        raise ConfigError(f"cannot split a batch of {size} items into {parts} micro batches "
+                          "(Distributed.accumulate_steps must divide the batch)")
+    step = size // parts
+
+    def take(x: Any, i: int) -> Any:
+        if isinstance(x, dict):
+            return {k: take(v, i) for k, v in x.items()}
+        if isinstance(x, (np.ndarray, paddle.Tensor)) and x.ndim > 0 and x.shape[0] == size:
+            return x[i * step:(i + 1) * step]
+        if isinstance(x, (list, tuple)) and len(x) == size:
+            return type(x)(x[i * step:(i + 1) * step])
+        if isinstance(x, tuple):
+            return tuple(take(v, i) for v in x)
+        return x
+
+    return [take(batch, i) for i in range(parts)]
+
+
+def _batch_len(x: Any) -> Optional[int]:
+    if isinstance(x, (np.ndarray, paddle.Tensor)) and x.ndim > 0:
+        return int(x.shape[0])
+    if isinstance(x, dict):
+        for v in x.values():
+            n = _batch_len(v)
+            if n is not None:
+                return n
+    if isinstance(x, (list, tuple)):
+        if x and isinstance(x[0], (np.ndarray, paddle.Tensor, dict)):
+            return _batch_len(x[0])
+        return len(x)
+    return None
 
 
 def _numpy_rng_state() -> list[Any]:
@@ -66,79 +122,188 @@ def _numpy_rng_state() -> list[Any]:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, module: TrainModule, rank: int = 0, world_size: int = 1) -> None:
+    def __init__(self, cfg: Config, module: TrainModule, rank: int = 0, world_size: int = 1,
+                 parallel: Optional[ParallelContext] = None) -> None:
         self.cfg = cfg
         self.module = module
-        self.rank = rank
-        self.world_size = world_size
+        self.parallel = parallel or ParallelContext.create(cfg)
+        topo = self.parallel.topo
+        # data rank = dp_rank * sharding_degree + sharding_rank: sharding ranks read different data
+        self.rank = topo.rank if topo.distributed else rank
+        self.world_size = topo.world_size if topo.distributed else world_size
+        data_rank, data_world = (topo.data_rank, topo.data_world) if topo.distributed else (rank, world_size)
         self.out = Path(cfg.Global.output_dir)
         self.ckpt_root = self.out / "checkpoints"
         self.step = 0
         self.skipped_steps = 0
         self.history: list[dict[str, Any]] = []
+        self.metrics = MetricsLogger(self.out, enabled=self.rank == 0)
         self.model = module.build_model()
+        self.inner = self.model  # the user's layer, never a wrapper (checkpoint keys, extras)
         self.optimizer = build_optimizer(self.model, cfg)
-        self.batches = module.train_batches(rank, world_size)
+        self.batches = module.train_batches(data_rank, data_world)
+        self.scaler: Optional[Any] = None
+        self.scaler_kind = "none"
+        self.resumed_from: Optional[Path] = None
+        # weights load before wrapping: stage 3 slices parameters when it wraps
+        pending = latest_checkpoint(self.ckpt_root) if cfg.Train.resume else None
+        if pending is not None:
+            set_model_state(self.inner, load_model_state(pending), pending)
         self._wrap()
+        if pending is not None:
+            self._load_training_state(pending)
 
     # ---- seams for the distributed engine -------------------------------------------------
     def _wrap(self) -> None:
-        """Single process: nothing to wrap (Fleet wrapping plugs in here)."""
+        """AMP decoration and the wrappers of the configured sharding stage (none in 1 process)."""
+        wrapped = self.parallel.wrap(self.model, self.optimizer)
+        self.model, self.optimizer = wrapped.model, wrapped.optimizer
+        self.scaler, self.scaler_kind = wrapped.scaler, wrapped.scaler_kind
 
     def _forward_backward(self, batch: Any) -> dict[str, float]:
-        loss, logs = self.module.training_step(self.model, batch, self.step)
-        loss.backward()
-        return {"loss": float(loss), **logs}
+        """Forward + backward over `accumulate_steps` micro batches of this rank's batch.
+
+        Each micro loss is divided by the number of micro batches, so the accumulated gradient is
+        the gradient of the batch mean (equal to one big batch when the loss is a per-item mean).
+        Data-parallel reduction happens once, on the last micro batch (`no_sync` before it)."""
+        d = self.cfg.Distributed
+        parts = split_batch(batch, d.accumulate_steps)
+        totals: dict[str, float] = {}
+        for i, part in enumerate(parts):
+            with self.parallel.no_sync(self.model, last_micro_step=i == len(parts) - 1):
+                with amp.autocast(d):
+                    loss, logs = self.module.training_step(self.model, part, self.step)
+                amp.backward(loss / len(parts) if len(parts) > 1 else loss, self.scaler)
+            for key, value in {"loss": float(loss), **logs}.items():
+                if isinstance(value, (int, float)):
+                    # token counts add up over micro batches; everything else is averaged
+                    share = value if key == "tokens" else value / len(parts)
+                    totals[key] = totals.get(key, 0.0) + share
+        return totals
+
+    def _apply_update(self, logs: dict[str, float]) -> bool:
+        """Optimizer step unless the gradients are not finite; True if the step was skipped.
+
+        With a loss scaler the (sharding-aware) scaler decides; without one, a non-finite loss on
+        any rank skips the step on every rank (ranks that disagree would hang in collectives)."""
+        if self.scaler is not None:
+            skipped = amp.step(self.optimizer, self.scaler)
+        else:
+            skipped = self.parallel.any_rank(not math.isfinite(logs["loss"]))
+            if not skipped:
+                self.optimizer.step()
+        self.optimizer.clear_grad()
+        return skipped
 
     # ---- state -----------------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
-        return {
+        state = {
             "step": self.step,
             "skipped_steps": self.skipped_steps,
             "data": self.batches.state_dict(),
             "rng_paddle": paddle.get_rng_state(),
             "rng_numpy": _numpy_rng_state(),
         }
+        if self.scaler is not None and hasattr(self.scaler, "state_dict"):
+            state["scaler"] = self.scaler.state_dict()
+        return state
+
+    def _structured_optimizer_state(self) -> dict[str, Any]:
+        return optimizer_state_to_structured(self.optimizer.state_dict(), self.inner)
+
+    def memory_report(self) -> dict[str, int]:
+        """Bytes this rank holds: parameters, optimizer states (moments), master weights."""
+        opt = self.optimizer.state_dict()
+        master = state_bytes(opt.get("master_weights", {}))
+        return {"param_bytes": state_bytes(list(self.inner.parameters())),
+                "optimizer_state_bytes": state_bytes(opt) - master,
+                "master_weight_bytes": master, "rank": self.rank}
+
+    def _meta(self) -> dict[str, Any]:
+        topo, d = self.parallel.topo, self.cfg.Distributed
+        return {"stage": self.module.name, "produced_by": "ernie_vilg.training.Trainer",
+                "world_size": self.world_size, "dp_degree": topo.dp_degree,
+                "sharding_degree": topo.sharding_degree, "sharding_stage": topo.sharding_stage,
+                "optimizer_layout": "sliced" if topo.sharded and d.sharding_stage == 3 else "whole"}
 
     def save(self, name: Optional[str] = None) -> Path:
-        if self.rank != 0:
-            return self.ckpt_root
-        meta = {"stage": self.module.name, "produced_by": "ernie_vilg.training.Trainer",
-                "world_size": self.world_size}
-        path = save_checkpoint(
-            self.ckpt_root, self.step, self.cfg, self.model.state_dict(),
-            optimizer_state_to_structured(self.optimizer.state_dict(), self.model),
-            self.state(), meta, extras=lambda d: self.module.save_extras(self.model, d),
-            keep_last=self.cfg.Train.keep_last, name=name,
-        )
-        log.info("saved checkpoint %s", path)
-        return path
+        """Write a checkpoint; under several processes every rank must call this (collective)."""
+        topo = self.parallel.topo
+        keep = self.cfg.Train.keep_last
+        if not topo.distributed:
+            path = save_checkpoint(
+                self.ckpt_root, self.step, self.cfg, self.inner.state_dict(),
+                self._structured_optimizer_state(), self.state(), self._meta(),
+                extras=lambda d: self.module.save_extras(self.inner, d), keep_last=keep, name=name,
+            )
+            log.info("saved checkpoint %s", path)
+            return path
+        # every rank writes into rank 0's temporary folder; rank 0 commits after a barrier
+        tag = self.parallel.broadcast_object(os.getpid())
+        if self.rank == 0:
+            begin_checkpoint(self.ckpt_root, self.step, name, tag)
+        self.parallel.barrier()
+        tmp, final = begin_checkpoint(self.ckpt_root, self.step, name, tag, create=False)
+        model_state = self.parallel.full_model_state(self.model) if topo.sharding_stage == 3 and topo.sharded \
+            else self.inner.state_dict()
+        opt_state = self._structured_optimizer_state()
+        if topo.sharded and topo.dp_rank == 0:  # dp replicas hold identical shards
+            save_file(opt_state, tmp, optimizer_shard_name(topo.sharding_rank, topo.sharding_degree))
+        save_file(self.state(), tmp, rank_state_name(self.rank))
+        self.parallel.barrier()
+        if self.rank == 0:
+            commit_checkpoint(tmp, final, self.step, self.cfg, model_state,
+                              None if topo.sharded else opt_state, self.state(), self._meta(),
+                              extras=lambda d: self.module.save_extras(self.inner, d), keep_last=keep)
+            log.info("saved checkpoint %s", final)
+        self.parallel.barrier()
+        return final
 
     def resume(self, ckpt: Optional[Path] = None) -> bool:
+        """Continue from `ckpt` (default: the newest checkpoint). Weights are loaded into the
+        wrapped model here; stage 3 needs them before wrapping, which __init__ does."""
         ckpt = ckpt or latest_checkpoint(self.ckpt_root)
         if ckpt is None:
             return False
-        set_model_state(self.model, load_model_state(ckpt), ckpt)
-        if (ckpt / "optimizer.pdopt").is_file():
-            opt_state = paddle.load(str(ckpt / "optimizer.pdopt"))
-            self.optimizer.set_state_dict(optimizer_state_from_structured(opt_state, self.model))
+        if self.parallel.topo.sharding_stage == 3 and self.parallel.topo.sharded:
+            raise CheckpointError(f"{ckpt}: under sharding stage 3 weights must load before wrapping; "
+                                  "construct the Trainer with Train.resume=true instead of calling resume()")
+        set_model_state(self.inner, load_model_state(ckpt), ckpt)
+        self._load_training_state(ckpt)
+        return True
+
+    def _load_training_state(self, ckpt: Path) -> None:
+        topo = self.parallel.topo
+        opt_state = load_optimizer_state(ckpt, topo.sharding_rank, topo.sharding_degree)
+        if opt_state is not None:
+            self.optimizer.set_state_dict(optimizer_state_from_structured(opt_state, self.inner))
         state = paddle.load(str(ckpt / "trainer_state.pd"))
+        own = ckpt / rank_state_name(self.rank)
+        saved_world = int(read_meta(ckpt).get("world_size", 1))
+        if topo.distributed and own.is_file() and saved_world == self.world_size:
+            rank_state = paddle.load(str(own))
+        else:
+            rank_state = state
+            if saved_world != self.world_size:
+                # the data split depends on the number of data ranks: the order cannot be replayed
+                log.warning("%s was saved by %d process(es), now %d: continuing from rank 0's data "
+                            "position, so the data order differs from an uninterrupted run",
+                            ckpt, saved_world, self.world_size)
         self.step = int(state["step"])
         self.skipped_steps = int(state.get("skipped_steps", 0))
-        self.batches.set_state_dict(state["data"])
-        paddle.set_rng_state(state["rng_paddle"])
-        kind, keys, pos, has_gauss, gauss = state["rng_numpy"]
+        self.batches.set_state_dict(rank_state["data"])
+        if self.scaler is not None and "scaler" in state and hasattr(self.scaler, "load_state_dict"):
+            self.scaler.load_state_dict(state["scaler"])
+        paddle.set_rng_state(rank_state["rng_paddle"])
+        kind, keys, pos, has_gauss, gauss = rank_state["rng_numpy"]
         np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
+        self.resumed_from = ckpt
         log.info("resumed from %s at step %d", ckpt, self.step)
-        return True
 
     # ---- loop -------------------------------------------------------------------------------
     def _log(self, record: dict[str, Any]) -> None:
         self.history.append(record)
-        if self.rank == 0:
-            self.out.mkdir(parents=True, exist_ok=True)
-            with (self.out / "log.jsonl").open("a", encoding="utf-8") as fh:
-                fh.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self.metrics.write(record)
 
     def validate(self) -> dict[str, float]:
         self.model.eval()
@@ -151,13 +316,32 @@ class Trainer:
                                                              if isinstance(v, (int, float))))
         return metrics
 
+    def _write_memory_report(self) -> None:
+        folder = self.out / "memory"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / f"rank-{self.rank:05d}.json").write_text(json.dumps(self.memory_report()), encoding="utf-8")
+
+    def _window_record(self, window: list[dict[str, float]]) -> dict[str, Any]:
+        keys = [k for k in window[-1] if k != "tokens"]
+        mean = {k: float(np.mean([w[k] for w in window if k in w])) for k in keys}
+        seconds = sum(w["step_time"] for w in window)
+        record: dict[str, Any] = {"step": self.step, "split": "train", **mean, "skipped_steps": self.skipped_steps}
+        if all("tokens" in w for w in window) and seconds > 0:
+            record["tokens_per_s"] = sum(w["tokens"] for w in window) / seconds
+            flops = getattr(self.module, "flops_per_token", None)
+            if callable(flops):
+                record["model_flops_per_s"] = record["tokens_per_s"] * float(flops())
+        scale = amp.loss_scale(self.scaler)
+        if scale is not None:
+            record["loss_scale"] = scale
+        return record
+
     def fit(self, until_step: Optional[int] = None) -> dict[str, Any]:
         """Train to Train.max_steps (or stop early at `until_step`, saving, as a job with a
-        time limit would); a later fit() resumes from the newest checkpoint."""
+        time limit would); a later Trainer (Train.resume) continues from the newest checkpoint,
+        which it loads when it is constructed."""
         cfg = self.cfg.Train
         stop = min(until_step or cfg.max_steps, cfg.max_steps)
-        if cfg.resume:
-            self.resume()
         self.model.train()
         start_time = time.time()
         iterator = iter(self.batches)
@@ -166,33 +350,35 @@ class Trainer:
         window: list[dict[str, float]] = []
         last_val: dict[str, float] = {}
         timed_out = False
+        first_step = True
         while self.step < stop:
             lr = learning_rate(self.step, self.cfg)
             self.optimizer.set_lr(lr)
             t0 = time.time()
             logs = self._forward_backward(next(iterator))
-            if not math.isfinite(logs["loss"]):
-                # non-finite loss: skip the update rather than poison the weights
-                self.optimizer.clear_grad()
+            if self._apply_update(logs):
                 self.skipped_steps += 1
-                log.warning("step %d: non-finite loss %s, update skipped", self.step, logs["loss"])
-            else:
-                self.optimizer.step()
-                self.optimizer.clear_grad()
+                log.warning("step %d: non-finite loss or gradients, update skipped", self.step)
+            if first_step:
+                self._write_memory_report()  # optimizer states exist after the first step
+                first_step = False
             self.step += 1
+            if self.parallel.topo.distributed:  # logs of the global batch, as one process would see
+                logs = self.parallel.mean_over_ranks(logs)
+                if "tokens" in logs:
+                    logs["tokens"] *= self.world_size  # mean x ranks = tokens of the global batch
             logs["lr"] = lr
             logs["step_time"] = time.time() - t0
             window.append(logs)
             bar.update(1)
             if self.step % cfg.log_every == 0 or self.step == cfg.max_steps:
-                mean = {k: float(np.mean([w[k] for w in window if k in w])) for k in window[-1]}
-                self._log({"step": self.step, "split": "train", **mean,
-                           "skipped_steps": self.skipped_steps})
-                bar.set_postfix({k: f"{v:.4g}" for k, v in mean.items() if k in ("loss", "lr")})
+                record = self._window_record(window)
+                self._log(record)
+                bar.set_postfix({k: f"{v:.4g}" for k, v in record.items() if k in ("loss", "lr")})
                 window = []
             if cfg.eval_every > 0 and self.step % cfg.eval_every == 0 and self.step < cfg.max_steps:
                 last_val = self.validate()
-            if cfg.max_minutes > 0 and (time.time() - start_time) / 60 >= cfg.max_minutes:
+            if cfg.max_minutes > 0 and self.parallel.any_rank((time.time() - start_time) / 60 >= cfg.max_minutes):
                 log.warning("Train.max_minutes=%s reached at step %d: saving and stopping",
                             cfg.max_minutes, self.step)
                 timed_out = True
@@ -200,7 +386,13 @@ class Trainer:
             if cfg.save_every > 0 and self.step % cfg.save_every == 0 and self.step < cfg.max_steps:
                 self.save()
         bar.close()
+        if self.parallel.topo.distributed:
+            diff = self.parallel.replica_difference(self.model)
+            self._log({"step": self.step, "split": "replicas", "max_difference": diff})
+            if diff > 0:
+                log.warning("ranks hold different weights after step %d (fingerprint difference %g)", self.step, diff)
         last_val = self.validate()
         final = self.save()
+        self.metrics.close()
         return {"step": self.step, "checkpoint": str(final), "val": last_val,
                 "timed_out": timed_out, "seconds": time.time() - start_time}

@@ -1,0 +1,78 @@
+"""Training logs: a console line, `log.jsonl`, and VisualDL scalars (optional).
+
+VisualDL (2.5.3, works with numpy<2) writes `<output_dir>/vdl`; view it with
+`visualdl --logdir <output_dir>/vdl`. If it is not importable the scalars are skipped with one
+message. Only rank 0 writes.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any, Optional
+
+log = logging.getLogger(__name__)
+
+# scalar names in VisualDL: everything a record holds, grouped by split ("train/loss", ...)
+CONSOLE_KEYS = ("loss", "lr", "tokens_per_s", "model_flops_per_s", "skipped_steps", "loss_scale")
+
+
+def _open_visualdl(logdir: Path) -> Optional[Any]:
+    try:
+        from visualdl import LogWriter
+    except Exception as exc:  # ImportError, or a broken dependency (protobuf, numpy ABI)
+        log.info("VisualDL not available (%s: %s): scalars go to log.jsonl only",
+                 type(exc).__name__, exc)
+        return None
+    return LogWriter(logdir=str(logdir))
+
+
+class MetricsLogger:
+    """Writes each record to log.jsonl and VisualDL, and prints a console line for train records."""
+
+    def __init__(self, out: Path, enabled: bool = True, visualdl: bool = True) -> None:
+        self.out = Path(out)
+        self.enabled = enabled
+        self._want_vdl = visualdl
+        self._vdl: Optional[Any] = None
+        self._vdl_tried = False
+
+    def _writer(self) -> Optional[Any]:
+        if not self._vdl_tried:  # opened lazily, once: the message appears at most once
+            self._vdl_tried = True
+            if self._want_vdl:
+                self._vdl = _open_visualdl(self.out / "vdl")
+        return self._vdl
+
+    def write(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        self.out.mkdir(parents=True, exist_ok=True)
+        with (self.out / "log.jsonl").open("a", encoding="utf-8") as fh:
+            fh.write(json.dumps(record, ensure_ascii=False) + "\n")
+        writer = self._writer()
+        step, split = int(record.get("step", 0)), record.get("split", "train")
+        if writer is not None:
+            for key, value in record.items():
+                if key in ("step", "split") or not isinstance(value, (int, float)) or isinstance(value, bool):
+                    continue
+                writer.add_scalar(tag=f"{split}/{key}", value=float(value), step=step)
+        if split == "train":
+            log.info(console_line(record))
+
+    def close(self) -> None:
+        if self._vdl is not None:
+            self._vdl.close()
+            self._vdl = None
+        self._vdl_tried = False
+
+
+def console_line(record: dict[str, Any]) -> str:
+    parts = [f"step {record.get('step')}"]
+    for key in CONSOLE_KEYS:
+        if key in record and record[key] is not None:
+            parts.append(f"{key} {record[key]:.4g}")
+    # per-direction losses and other stage logs (loss_t2i, loss_i2t, ...)
+    parts += [f"{k} {v:.4g}" for k, v in record.items()
+              if k.startswith("loss_") and isinstance(v, (int, float))]
+    return " | ".join(parts)
