@@ -16,6 +16,8 @@ def main() -> int:
     parser.add_argument("--shard-size", type=int, default=10000, help="rows per shard file")
     parser.add_argument("--image-size", type=int, default=0, help="default: the tokenizer config's")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0 = all cores)")
+    parser.add_argument("--workers", type=int, default=1,
+                        help="worker processes, each encodes a contiguous slice of the manifest")
     args = parser.parse_args()
 
     def run() -> int:
@@ -24,8 +26,16 @@ def main() -> int:
 
         setup_logging()
         configure_threads(args.threads)
-        summary = tokenize_manifest(args.ckpt, args.manifest, args.out, args.batch_size,
-                                    args.shard_size, args.image_size)
+        if args.workers > 1:
+            from ernie_vilg.data.parallel_tokenize import tokenize_manifest_parallel
+
+            threads = max(1, args.threads // args.workers) if args.threads else 1
+            summary = tokenize_manifest_parallel(
+                args.ckpt, args.manifest, args.out, workers=args.workers, batch_size=args.batch_size,
+                shard_size=args.shard_size, image_size=args.image_size, threads_per_worker=threads)
+        else:
+            summary = tokenize_manifest(args.ckpt, args.manifest, args.out, args.batch_size,
+                                        args.shard_size, args.image_size)
         print(json.dumps(summary, ensure_ascii=False))
         return 0
 

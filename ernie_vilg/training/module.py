@@ -54,6 +54,10 @@ def module_for(cfg: Config) -> TrainModule:
         from ernie_vilg.models.module import VilgTrainModule
 
         return VilgTrainModule(cfg)
+    if stage == "reranker":
+        from ernie_vilg.models.reranker_module import RerankerTrainModule
+
+        return RerankerTrainModule(cfg)
     from ernie_vilg.config import ConfigError
 
-    raise ConfigError(f"Global.stage: unknown stage {stage!r} (known: vq, vilg)")
+    raise ConfigError(f"Global.stage: unknown stage {stage!r} (known: vq, vilg, reranker)")
