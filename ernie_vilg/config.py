@@ -62,6 +62,10 @@ class VQConfig:
     channel_mult: list[int] = field(default_factory=lambda: [1, 2, 2, 4])
     num_res_blocks: int = 1
     downsample_factor: int = 8  # f: 4 / 8 / 16
+    # space-to-depth stem / pixel-shuffle head: the encoder starts on patch_size x patch_size
+    # pixel patches and the decoder ends with a pixel shuffle, so no layer runs at full
+    # resolution (much cheaper on CPU). 1 = off; then len(channel_mult) - 1 = log2(f / patch_size)
+    patch_size: int = 1
     codebook_size: int = 8192
     embed_dim: int = 64
     beta: float = 0.25  # commitment weight (Eq. 1 uses 1.0; VQ-VAE paper recommends 0.25)
@@ -97,11 +101,14 @@ class TrainConfig:
     eval_samples: int = 64  # images / texts used by periodic validation
     resume: bool = True  # continue from the newest checkpoint in output_dir if present
     progress_bar: bool = True
+    # stop the job after this many consecutive steps with a non-finite loss or gradient
+    max_consecutive_skips: int = 5
 
 
 @dataclass
 class ModelConfig:
-    """The bidirectional ERNIE-ViLG transformer (filled in by the model issue)."""
+    """The bidirectional ERNIE-ViLG transformer (`ernie_vilg.models`): pre-LN blocks shared by
+    text-to-image and image-to-text; sparse image attention as in DALL-E (row / column / conv)."""
 
     num_layers: int = 4
     hidden_size: int = 128
@@ -109,7 +116,10 @@ class ModelConfig:
     ffn_mult: int = 4
     dropout: float = 0.0
     attention_impl: str = "sparse_blockwise"  # "dense" | "sparse_reference" | "sparse_blockwise"
-    conv_kernel: int = 11  # convolutional attention kernel (last layer)
+    conv_kernel: int = 11  # convolutional attention kernel (last layer; odd)
+    gelu_approximate: bool = False  # False = exact erf GELU, True = tanh approximation
+    # additive value for masked scores: finite and fp16-safe (-inf gives NaN rows in fp16)
+    mask_fill_value: float = -1.0e4
     text_vocab_size: int = 0  # 0 = from the vocab file
     image_vocab_size: int = 0  # 0 = from the tokenizer checkpoint
     max_text_len: int = 32
@@ -120,18 +130,30 @@ class ModelConfig:
 
 @dataclass
 class DistributedConfig:
-    """Fleet topology and memory features (filled in by the engine issue)."""
+    """Fleet topology and memory features (`ernie_vilg.training.distributed`, docs/distributed.md).
+
+    World size = dp_degree x sharding_degree; the sharding group is laid out inside a node
+    (contiguous ranks) and data parallelism runs across nodes, as in the paper's Figure 3.
+    Global batch = micro_batch_size x accumulate_steps x dp_degree x sharding_degree, where
+    Data.batch_size is what one data rank consumes per optimizer step (micro x accumulation).
+    """
 
     dp_degree: int = 1
     sharding_degree: int = 1
+    # 1: optimizer states sharded (Fleet DygraphShardingOptimizer; CPU and GPU);
+    # 2: + gradients, 3: + parameters (paddle.distributed.sharding.group_sharded_parallel; GPU only)
     sharding_stage: int = 1
+    # stages 2 / 3: sharded optimizer states + fp32 master weights live on the CPU (GPU only)
     offload: bool = False
     recompute: str = "none"  # "none" | "full" | "every_k" | "attention_core"
-    recompute_every_k: int = 2
-    amp_dtype: str = "float32"  # "float32" | "float16" | "bfloat16"
-    amp_level: str = "O1"
+    recompute_every_k: int = 2  # every_k: blocks whose index is a multiple of k are recomputed
+    amp_dtype: str = "float32"  # "float32" | "float16" | "bfloat16" (the last two need a GPU)
+    amp_level: str = "O1"  # "O1" (white-list ops in low precision) | "O2" (low-precision weights)
+    init_loss_scaling: float = 32768.0  # float16 dynamic loss scaling starts here
     accumulate_steps: int = 1
-    micro_batch_size: int = 0  # 0 = Data.batch_size
+    micro_batch_size: int = 0  # 0 = Data.batch_size / accumulate_steps (checked to agree if set)
+    # stage 3: synchronous parameter all-gather (prefetch assumes a fixed layer order per step)
+    sync_comm: bool = False
 
 
 @dataclass
@@ -147,6 +169,27 @@ class GenerationConfig:
 
 
 @dataclass
+class RerankerConfig:
+    """The contrastive image-text reranker (`ernie_vilg.models.reranker`, paper sec. 4.2): a text
+    transformer over the WordPiece vocab and a small CNN over pixels, projected to one space."""
+
+    embed_dim: int = 128  # shared embedding space
+    text_layers: int = 2
+    text_hidden: int = 128
+    text_heads: int = 4
+    # a patch_size x patch_size stride-patch_size stem (cheap on CPU: no full-resolution
+    # layer), then one stride-2 conv stage per entry after the first (64 px / 4 -> 16 -> 8 -> 4)
+    patch_size: int = 4
+    image_channels: list[int] = field(default_factory=lambda: [64, 96, 128])
+    # the image feature map is pooled to pool_grid x pool_grid and flattened, not averaged to
+    # 1 x 1: captions name positions (左上角...), which a global average would erase
+    pool_grid: int = 4
+    init_temperature: float = 0.07  # InfoNCE logits = cos / T, T learned (CLIP's start value)
+    max_logit_scale: float = 100.0  # 1 / T is clipped here (CLIP) for stability
+    dropout: float = 0.0
+
+
+@dataclass
 class Config:
     Global: GlobalConfig = field(default_factory=GlobalConfig)
     Data: DataConfig = field(default_factory=DataConfig)
@@ -156,6 +199,7 @@ class Config:
     Train: TrainConfig = field(default_factory=TrainConfig)
     Distributed: DistributedConfig = field(default_factory=DistributedConfig)
     Generation: GenerationConfig = field(default_factory=GenerationConfig)
+    Reranker: RerankerConfig = field(default_factory=RerankerConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -155,9 +155,6 @@ def test_bad_manifest_line(tmp_path, raw, reason):
         read_manifest(path, strict=True)
 
 
-@pytest.mark.xfail(strict=True, reason="data/images.py ImageBatches.__init__ raises a bare ValueError for a "
-                   "manifest with no usable line, which tools/train.py does not catch (traceback, exit 1); "
-                   "it should raise ManifestError(str(manifest), 'manifest has no usable records')")
 def test_manifest_without_a_single_usable_line_stops_with_a_manifest_error(tmp_path):
     path = tmp_path / "all_bad.jsonl"
     path.write_bytes(b"not json\n{}\n")

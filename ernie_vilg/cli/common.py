@@ -3,7 +3,12 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from typing import Callable
+
+# Paddle prints a "No ccache found" notice when it is imported; it would turn a one-line error
+# into two lines on stderr.
+warnings.filterwarnings("ignore", message=".*ccache.*")
 
 from ernie_vilg.config import Config, ConfigError, load_config
 

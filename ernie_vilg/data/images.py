@@ -14,7 +14,7 @@ from typing import Any, Iterator, Optional
 import numpy as np
 from PIL import Image, ImageFile
 
-from ernie_vilg.data.manifest import ManifestRecord, read_manifest
+from ernie_vilg.data.manifest import ManifestError, ManifestRecord, read_manifest
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +135,7 @@ class ImageBatches:
     ) -> None:
         self.records = records if records is not None else read_manifest(manifest)
         if not self.records:
-            raise ValueError(f"{manifest}: manifest has no usable records")
+            raise ManifestError(str(manifest), "manifest has no usable records")
         self.image_size = image_size
         self.batch_size = batch_size
         self.seed = seed

@@ -180,8 +180,10 @@ def optimizer_shards(ckpt: Path) -> list[Path]:
 
 
 def _load(path: Path) -> Any:
+    from ernie_vilg.convert.safetensors_io import safe_paddle_load
+
     try:
-        return paddle.load(str(path))
+        return safe_paddle_load(path)
     except Exception as exc:  # paddle raises assorted types for truncated files
         raise CheckpointError(f"{path}: cannot load ({type(exc).__name__}: {exc})") from None
 
@@ -310,8 +312,10 @@ def load_checkpoint_config(path: str | Path) -> tuple[Path, Config]:
 
 
 def load_model_state(ckpt: Path) -> dict[str, Any]:
+    from ernie_vilg.convert.safetensors_io import safe_paddle_load
+
     try:
-        return paddle.load(str(ckpt / "model.pdparams"))
+        return safe_paddle_load(ckpt / "model.pdparams")
     except Exception as exc:  # paddle raises assorted types for truncated files
         raise CheckpointError(f"{ckpt / 'model.pdparams'}: cannot load ({type(exc).__name__}: {exc})") from None
 

@@ -37,7 +37,9 @@ from ernie_vilg.training.checkpoint import (
 )
 from ernie_vilg.training.distributed import ParallelContext
 from ernie_vilg.training.logging import MetricsLogger
+from ernie_vilg.convert.safetensors_io import safe_paddle_load
 from ernie_vilg.training.module import TrainModule
+from ernie_vilg.training.nan_guard import NanGuard
 
 log = logging.getLogger(__name__)
 
@@ -136,6 +138,7 @@ class Trainer:
         self.ckpt_root = self.out / "checkpoints"
         self.step = 0
         self.skipped_steps = 0
+        self.nan_guard = NanGuard(max_consecutive=cfg.Train.max_consecutive_skips)
         self.history: list[dict[str, Any]] = []
         self.metrics = MetricsLogger(self.out, enabled=self.rank == 0)
         self.model = module.build_model()
@@ -187,9 +190,11 @@ class Trainer:
         With a loss scaler the (sharding-aware) scaler decides; without one, a non-finite loss on
         any rank skips the step on every rank (ranks that disagree would hang in collectives)."""
         if self.scaler is not None:
-            skipped = amp.step(self.optimizer, self.scaler)
+            skipped = self.nan_guard.record(amp.step(self.optimizer, self.scaler), self.step,
+                                            counts_towards_stop=False)
         else:
-            skipped = self.parallel.any_rank(not math.isfinite(logs["loss"]))
+            skipped = self.nan_guard.check(logs["loss"], self.inner, batch_id=self.step,
+                                           agree=self.parallel.any_rank)
             if not skipped:
                 self.optimizer.step()
         self.optimizer.clear_grad()
@@ -200,6 +205,7 @@ class Trainer:
         state = {
             "step": self.step,
             "skipped_steps": self.skipped_steps,
+            "nan_guard": self.nan_guard.state_dict(),
             "data": self.batches.state_dict(),
             "rng_paddle": paddle.get_rng_state(),
             "rng_numpy": _numpy_rng_state(),
@@ -277,11 +283,11 @@ class Trainer:
         opt_state = load_optimizer_state(ckpt, topo.sharding_rank, topo.sharding_degree)
         if opt_state is not None:
             self.optimizer.set_state_dict(optimizer_state_from_structured(opt_state, self.inner))
-        state = paddle.load(str(ckpt / "trainer_state.pd"))
+        state = safe_paddle_load(ckpt / "trainer_state.pd")
         own = ckpt / rank_state_name(self.rank)
         saved_world = int(read_meta(ckpt).get("world_size", 1))
         if topo.distributed and own.is_file() and saved_world == self.world_size:
-            rank_state = paddle.load(str(own))
+            rank_state = safe_paddle_load(own)
         else:
             rank_state = state
             if saved_world != self.world_size:
@@ -291,6 +297,7 @@ class Trainer:
                             ckpt, saved_world, self.world_size)
         self.step = int(state["step"])
         self.skipped_steps = int(state.get("skipped_steps", 0))
+        self.nan_guard.set_state_dict(state.get("nan_guard", {}))
         self.batches.set_state_dict(rank_state["data"])
         if self.scaler is not None and "scaler" in state and hasattr(self.scaler, "load_state_dict"):
             self.scaler.load_state_dict(state["scaler"])
@@ -358,7 +365,6 @@ class Trainer:
             logs = self._forward_backward(next(iterator))
             if self._apply_update(logs):
                 self.skipped_steps += 1
-                log.warning("step %d: non-finite loss or gradients, update skipped", self.step)
             if first_step:
                 self._write_memory_report()  # optimizer states exist after the first step
                 first_step = False
