@@ -190,6 +190,51 @@ class RerankerConfig:
 
 
 @dataclass
+class VQGANConfig:
+    """Losses of the VQGAN tokenizer (stage `vqgan`, `vq/gan_losses.py`; taming-transformers'
+    VQLPIPSWithDiscriminator). The network itself is described by the VQ section."""
+
+    pixel_loss: str = "l1"  # "l1" (taming) | "mse"
+    pixel_weight: float = 1.0
+    perceptual_weight: float = 1.0  # LPIPS over VGG16 features; needs lpips_weights
+    lpips_weights: str = ""  # .pdparams of VGG16 + LPIPS heads (tools/convert_checkpoint.py); "" = none
+    codebook_weight: float = 1.0
+    disc_start: int = 0  # generator step at which the discriminator starts (taming: disc_start)
+    disc_weight: float = 0.8  # multiplies the adaptive weight (taming ImageNet config: 0.8)
+    disc_layers: int = 3  # strided 4x4 convs of the patch discriminator
+    disc_channels: int = 64  # width of its first conv
+    disc_lr_mult: float = 1.0  # discriminator lr = this x the generator's scheduled lr
+    adaptive_weight_max: float = 1.0e4  # clip of ||grad nll|| / ||grad g|| (taming: 1e4)
+
+
+@dataclass
+class DVAEConfig:
+    """Gumbel-softmax relaxation of the dVAE (stage `dvae`, DALL-E) and of VQ.kind=vqgan_gumbel."""
+
+    recon_loss: str = "logit_laplace"  # "logit_laplace" (DALL-E) | "mse"
+    logit_laplace_eps: float = 0.1  # pixels are mapped into [eps, 1 - eps] (DALL-E map_pixels)
+    temp_start: float = 1.0  # gumbel-softmax temperature, cosine-annealed (DALL-E: 1 -> 1/16)
+    temp_end: float = 0.0625
+    temp_anneal_steps: int = 150000
+    kl_weight_start: float = 0.0  # weight of KL(q || uniform), per pixel value (DALL-E: 0 -> 6.6)
+    kl_weight_end: float = 6.6
+    kl_warmup_steps: int = 5000  # cosine ramp of the KL weight
+    straight_through: bool = False  # hard one-hot forward, soft gradient
+
+
+@dataclass
+class E2EConfig:
+    """End-to-end text-to-image (paper sec. 3.1.3): generator + reconstructor trained jointly."""
+
+    gen_weight: float = 1.0  # weight of the text-to-image NLL (the paper: equal weights)
+    rec_weight: float = 1.0  # weight of the reconstruction loss
+    i2t_weight: float = 1.0  # weight of the image-to-text NLL (the bidirectional model keeps it)
+    rec_loss: str = "mse"  # "mse" | "l1", on images in [-1, 1]
+    mlp_hidden: int = 0  # hidden width of the hidden-state -> z_emb MLP (0 = Model.hidden_size)
+    init_from_tokenizer: bool = True  # reconstructor starts as a copy of the tokenizer's decoder
+
+
+@dataclass
 class Config:
     Global: GlobalConfig = field(default_factory=GlobalConfig)
     Data: DataConfig = field(default_factory=DataConfig)
@@ -200,6 +245,9 @@ class Config:
     Distributed: DistributedConfig = field(default_factory=DistributedConfig)
     Generation: GenerationConfig = field(default_factory=GenerationConfig)
     Reranker: RerankerConfig = field(default_factory=RerankerConfig)
+    VQGAN: VQGANConfig = field(default_factory=VQGANConfig)
+    DVAE: DVAEConfig = field(default_factory=DVAEConfig)
+    E2E: E2EConfig = field(default_factory=E2EConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -1,0 +1,116 @@
+"""The image tokenizer interface: the only view of stage 1 that stage 2 gets.
+
+Every tokenizer (VQVAE now; VQGAN and dVAE later) maps images to a grid of code ids and back:
+
+    encode_to_ids(images [B, 3, H, W] float32 in [-1, 1]) -> ids [B, h, w] int64, h = H / f
+    decode_ids(ids [B, h, w])                             -> images [B, 3, H, W] in [-1, 1]
+    embed_ids(ids [B, h, w])                              -> z_emb [B, d, h, w] (codebook lookup)
+    decode_embeddings(z_emb [B, d, h, w])                 -> images (with gradients; end-to-end)
+    codebook_size, grid_size(image_size)
+
+`build_tokenizer` picks the class from `VQ.kind`; `load_tokenizer` rebuilds a trained one from a
+Trainer checkpoint folder and freezes it. A frozen tokenizer runs in fp32 without gradients,
+whatever AMP context the caller is in.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import paddle
+import paddle.nn as nn
+
+from ernie_vilg.config import ConfigError, VQConfig
+
+
+class ImageTokenizer(nn.Layer):
+    """Base class; subclasses implement `_encode_ids`, `_decode_ids`, `embed_ids`, the sizes."""
+
+    @property
+    def codebook_size(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def downsample_factor(self) -> int:
+        raise NotImplementedError
+
+    def grid_size(self, image_size: int) -> int:
+        """Side of the token grid for square images of `image_size` pixels."""
+        f = self.downsample_factor
+        if image_size % f:
+            raise ValueError(f"image size {image_size} is not divisible by the downsample factor {f}")
+        return image_size // f
+
+    def embed_ids(self, ids: paddle.Tensor) -> paddle.Tensor:
+        """ids [B, h, w] -> z_emb [B, d, h, w]: the codebook lookup C(z) of Eq. 2."""
+        raise NotImplementedError
+
+    def decode_embeddings(self, z_emb: paddle.Tensor) -> paddle.Tensor:
+        """z_emb [B, d, h, w] -> images [B, 3, H, W], differentiable (end-to-end reconstructor)."""
+        raise NotImplementedError
+
+    def _encode_ids(self, images: paddle.Tensor) -> paddle.Tensor:
+        raise NotImplementedError
+
+    def _decode_ids(self, ids: paddle.Tensor) -> paddle.Tensor:
+        raise NotImplementedError
+
+    @paddle.no_grad()
+    def encode_to_ids(self, images: paddle.Tensor) -> paddle.Tensor:
+        """images [B, 3, H, W] in [-1, 1] -> ids [B, H/f, W/f] int64 (fp32, no grad)."""
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"expected images [B, 3, H, W], got shape {list(images.shape)}")
+        self.grid_size(images.shape[2]), self.grid_size(images.shape[3])  # divisibility check
+        # the tokenizer is always fp32: an outer auto_cast must not reach its convolutions
+        with paddle.amp.auto_cast(enable=False):
+            return self._encode_ids(images.astype("float32")).astype("int64")
+
+    @paddle.no_grad()
+    def decode_ids(self, ids: paddle.Tensor) -> paddle.Tensor:
+        """ids [B, h, w] -> images [B, 3, h*f, w*f] clipped to [-1, 1] (fp32, no grad)."""
+        if ids.ndim != 3:
+            raise ValueError(f"expected ids [B, h, w], got shape {list(ids.shape)}")
+        with paddle.amp.auto_cast(enable=False):
+            return paddle.clip(self._decode_ids(ids.astype("int64")), -1.0, 1.0)
+
+    def freeze(self) -> "ImageTokenizer":
+        """Stage-1 weights are fixed for stage 2: eval mode and no gradients on any parameter."""
+        self.eval()
+        for param in self.parameters():
+            param.stop_gradient = True
+        return self
+
+
+def _build_vqvae(vq_cfg: VQConfig) -> ImageTokenizer:
+    from ernie_vilg.vq.vqvae import VQVAE
+
+    return VQVAE(vq_cfg)
+
+
+# VQ.kind -> constructor. Imports are deferred so base.py does not import every model file.
+TOKENIZERS: dict[str, Callable[[VQConfig], ImageTokenizer]] = {
+    "vqvae": _build_vqvae,
+}
+
+
+def build_tokenizer(vq_cfg: VQConfig) -> ImageTokenizer:
+    """A new (untrained) tokenizer of kind `vq_cfg.kind`."""
+    try:
+        builder = TOKENIZERS[vq_cfg.kind]
+    except KeyError:
+        raise ConfigError(f"VQ.kind: unknown tokenizer {vq_cfg.kind!r} (known: {', '.join(TOKENIZERS)})") from None
+    return builder(vq_cfg)
+
+
+def load_tokenizer(ckpt_dir: str | Path) -> ImageTokenizer:
+    """Rebuild a trained tokenizer from a Trainer checkpoint folder (or its run folder) and freeze it.
+
+    Reads `config.yaml` (the resolved config) and `model.pdparams` (strictly: a missing or
+    mis-shaped key raises CheckpointError naming it).
+    """
+    from ernie_vilg.training.checkpoint import load_checkpoint_config, load_model_state, set_model_state
+
+    ckpt, cfg = load_checkpoint_config(ckpt_dir)
+    tokenizer = build_tokenizer(cfg.VQ)
+    set_model_state(tokenizer, load_model_state(ckpt), ckpt)
+    return tokenizer.freeze()
