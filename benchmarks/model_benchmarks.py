@@ -142,7 +142,7 @@ def bench_throughput(args: argparse.Namespace) -> dict[str, Any]:
 
     threads = configure_threads(args.threads)
     cfg = load_config(os.path.join(os.path.dirname(__file__), "..", "configs", "vilg", "shapes.yaml"),
-                      ["Model.text_vocab_size=700", "Model.image_vocab_size=512", "Model.image_grid=8"])
+                      ["Model.text_vocab_size=700", "Model.image_vocab_size=512", f"Model.image_grid={args.grid}"])
     m = cfg.Model
     paddle.seed(0)
     model = ErnieViLG(m)

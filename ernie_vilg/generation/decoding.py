@@ -1,0 +1,240 @@
+"""Decoding loops for both directions, written once against a `Stepper`.
+
+A stepper encodes the source and then feeds one target token at a time:
+
+    CachedStepper  the model's prefill / step over a preallocated KVCache (sparse patterns kept:
+                   a step reads only the keys its layer pattern allows)
+    FullStepper    re-runs the whole stream for every token (the reference the cache is tested
+                   against; thanks to the masks, future placeholders cannot leak)
+
+Text-to-image: `generate_image_tokens` (greedy, or temperature / top-k / top-p sampling, seeded,
+`num_candidates` per text). Image-to-text: `generate_text_tokens` (greedy, sampling, beam search
+with a length penalty). Text follows the [CLS] .. [SEP] convention of `models/transformer.py`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Protocol
+
+import numpy as np
+import paddle
+
+from ernie_vilg.generation.filters import apply_temperature, log_softmax, sample, top_k_filter, top_p_filter
+from ernie_vilg.models.sparse_masks import Direction
+from ernie_vilg.models.transformer import ErnieViLG
+
+
+class Stepper(Protocol):
+    def start(self, source_ids: np.ndarray) -> np.ndarray:
+        """Encode the source [B, S]; logits of the first target token [B, V]."""
+
+    def step(self, token_ids: np.ndarray) -> np.ndarray:
+        """Append one target token per row [B]; logits of the next one [B, V]."""
+
+    def reorder(self, index: np.ndarray) -> None:
+        """Keep rows `index` (beam search)."""
+
+
+class CachedStepper:
+    """`text_len`: text positions of the image-to-text stream (default max_text_len); for
+    text-to-image the prompt's width decides."""
+
+    def __init__(self, model: ErnieViLG, direction: Direction, text_len: Optional[int] = None) -> None:
+        self.model, self.direction, self.text_len = model, Direction(direction), text_len
+        self.cache = None
+
+    @paddle.no_grad()
+    def start(self, source_ids: np.ndarray) -> np.ndarray:
+        src = paddle.to_tensor(np.asarray(source_ids, dtype=np.int64))
+        text_len = src.shape[1] if self.direction is Direction.TXT2IMG else self.text_len
+        self.cache = self.model.new_cache(self.direction, src.shape[0], text_len)
+        return self.model.prefill(src, self.cache).astype("float32").numpy()
+
+    @paddle.no_grad()
+    def step(self, token_ids: np.ndarray) -> np.ndarray:
+        tokens = paddle.to_tensor(np.asarray(token_ids, dtype=np.int64))
+        return self.model.step(tokens, self.cache).astype("float32").numpy()
+
+    def reorder(self, index: np.ndarray) -> None:
+        self.cache.reorder(paddle.to_tensor(np.asarray(index, dtype=np.int64)))
+
+
+class FullStepper:
+    def __init__(self, model: ErnieViLG, direction: Direction, pad_id: int = 0, text_len: Optional[int] = None
+                 ) -> None:
+        self.model, self.direction, self.pad_id = model, Direction(direction), pad_id
+        cfg = model.cfg
+        self.text_len, self.num_image = text_len or cfg.max_text_len, cfg.image_grid ** 2
+
+    def _run(self) -> np.ndarray:
+        if self.direction is Direction.TXT2IMG:
+            text, image = self.source, self.target
+        else:
+            text, image = self.target, self.source
+        with paddle.no_grad():
+            logits = self.model(paddle.to_tensor(text), paddle.to_tensor(image), self.direction)
+        return logits.astype("float32").numpy()
+
+    def start(self, source_ids: np.ndarray) -> np.ndarray:
+        self.source = np.asarray(source_ids, dtype=np.int64).reshape(len(source_ids), -1)
+        B = self.source.shape[0]
+        if self.direction is Direction.TXT2IMG:  # placeholders for image tokens not generated yet
+            self.target = np.zeros((B, self.num_image), dtype=np.int64)
+        else:
+            self.target = np.full((B, self.text_len), self.pad_id, dtype=np.int64)
+        self.length = 0
+        if self.direction is Direction.TXT2IMG:
+            return self._run()[:, 0]
+        return np.zeros((B, self.model.cfg.text_vocab_size), dtype=np.float32)  # [CLS] is given
+
+    def step(self, token_ids: np.ndarray) -> np.ndarray:
+        self.target[:, self.length] = token_ids
+        self.length += 1
+        # txt2img logits row k predicts z_{k+1} (0-based: z_k); img2txt row j predicts text j + 1
+        row = self.length if self.direction is Direction.TXT2IMG else self.length - 1
+        return self._run()[:, row]
+
+    def reorder(self, index: np.ndarray) -> None:
+        self.source, self.target = self.source[index], self.target[index]
+
+
+def make_stepper(model: ErnieViLG, direction: Direction, use_cache: bool, pad_id: int = 0,
+                 text_len: Optional[int] = None) -> Stepper:
+    if use_cache:
+        return CachedStepper(model, direction, text_len)
+    return FullStepper(model, direction, pad_id, text_len)
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How a token is chosen from logits: greedy if `greedy`, else filtered sampling."""
+
+    greedy: bool = True
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+    def choose(self, logits: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        if self.greedy:
+            return np.argmax(logits, axis=-1).astype(np.int64)
+        filtered = top_p_filter(top_k_filter(apply_temperature(logits, self.temperature), self.top_k), self.top_p)
+        return sample(filtered, rng)
+
+
+def generate_image_tokens(model: ErnieViLG, text_ids: np.ndarray, params: SamplingParams,
+                          num_candidates: int = 1, seed: int = 0, use_cache: bool = True) -> np.ndarray:
+    """Image token grids for texts [B, L]: int64 [B * num_candidates, h, w], the candidates of
+    text i in rows i * num_candidates ... (i + 1) * num_candidates - 1."""
+    text_ids = np.repeat(np.asarray(text_ids, dtype=np.int64), num_candidates, axis=0)  # [B*N, L]
+    rng = np.random.default_rng(seed)
+    grid, n = model.cfg.image_grid, model.cfg.image_grid ** 2
+    stepper = make_stepper(model, Direction.TXT2IMG, use_cache)
+    logits = stepper.start(text_ids)
+    out = np.zeros((len(text_ids), n), dtype=np.int64)
+    for k in range(n):
+        out[:, k] = params.choose(logits, rng)
+        if k + 1 < n:  # the last token needs no forward pass
+            logits = stepper.step(out[:, k])
+    return out.reshape(len(text_ids), grid, grid)  # [B*N, n] -> [B*N, h, w]
+
+
+@dataclass(frozen=True)
+class TextSpecials:
+    bos_id: int  # [CLS]
+    eos_id: int  # [SEP]
+    pad_id: int  # [PAD]
+
+
+def generate_text_tokens(model: ErnieViLG, image_ids: np.ndarray, specials: TextSpecials,
+                         params: SamplingParams, max_new_tokens: Optional[int] = None, seed: int = 0,
+                         use_cache: bool = True) -> list[list[int]]:
+    """Greedy or sampled captions for image grids [B, h, w]: token ids without [CLS] / [SEP]."""
+    max_new = _max_new_tokens(model, max_new_tokens)
+    B = len(image_ids)
+    rng = np.random.default_rng(seed)
+    # text positions: [CLS] + the tokens fed back + the last one (predicted, never fed)
+    stepper = make_stepper(model, Direction.IMG2TXT, use_cache, specials.pad_id, max_new + 1)
+    stepper.start(np.asarray(image_ids, dtype=np.int64).reshape(B, -1))
+    tokens = np.full(B, specials.bos_id, dtype=np.int64)
+    seqs: list[list[int]] = [[] for _ in range(B)]
+    done = np.zeros(B, dtype=bool)
+    for t in range(max_new):
+        tokens = params.choose(stepper.step(tokens), rng)
+        tokens = np.where(done, specials.pad_id, tokens)  # finished rows keep running on padding
+        for b in np.flatnonzero(~done):
+            if tokens[b] == specials.eos_id:
+                done[b] = True
+            else:
+                seqs[b].append(int(tokens[b]))
+        if done.all():
+            break
+    return seqs
+
+
+def beam_search_text_tokens(model: ErnieViLG, image_ids: np.ndarray, specials: TextSpecials, beam_size: int,
+                            length_penalty: float = 1.0, max_new_tokens: Optional[int] = None,
+                            use_cache: bool = True) -> list[list[int]]:
+    """Beam search captions for image grids [B, h, w] (ids without [CLS] / [SEP]).
+
+    A hypothesis' score is its summed log-probability / (length ** length_penalty), the length
+    counting [SEP]. An image is finished once it holds `beam_size` ended hypotheses and no live
+    beam scores better at the current length; unfinished beams are scored as they stand at the end.
+    """
+    K, max_new = beam_size, _max_new_tokens(model, max_new_tokens)
+    B = len(image_ids)
+    stepper = make_stepper(model, Direction.IMG2TXT, use_cache, specials.pad_id, max_new + 1)
+    # rows b * K + k: beam k of image b
+    stepper.start(np.repeat(np.asarray(image_ids, dtype=np.int64).reshape(B, -1), K, axis=0))
+    tokens = np.full(B * K, specials.bos_id, dtype=np.int64)
+    scores = np.full((B, K), -np.inf)
+    scores[:, 0] = 0.0  # all beams start identical: expand only the first
+    seqs: list[list[list[int]]] = [[[] for _ in range(K)] for _ in range(B)]
+    finished: list[list[tuple[float, list[int]]]] = [[] for _ in range(B)]
+    done = np.zeros(B, dtype=bool)
+    norm = lambda total, length: total / (length ** length_penalty)  # noqa: E731
+    for t in range(max_new):
+        logp = log_softmax(stepper.step(tokens)).reshape(B, K, -1)  # [B, K, V]
+        V = logp.shape[-1]
+        cand = (scores[:, :, None] + logp).reshape(B, K * V)  # [B, K*V]
+        top = np.argsort(-cand, axis=-1)[:, : 2 * K]
+        src = np.arange(B * K).reshape(B, K).copy()
+        new_tokens = np.full((B, K), specials.pad_id, dtype=np.int64)
+        new_scores = np.full((B, K), -np.inf)
+        new_seqs: list[list[list[int]]] = []
+        for b in range(B):
+            keep: list[list[int]] = []
+            for rank, flat in enumerate(top[b]):
+                if done[b] or len(keep) == K or not np.isfinite(cand[b, flat]):
+                    break
+                beam, token = divmod(int(flat), V)
+                if token == specials.eos_id:
+                    if rank < K:  # only ends that rank among the best K count
+                        finished[b].append((norm(cand[b, flat], t + 1), seqs[b][beam]))
+                    continue
+                slot = len(keep)
+                src[b, slot], new_tokens[b, slot], new_scores[b, slot] = b * K + beam, token, cand[b, flat]
+                keep.append(seqs[b][beam] + [token])
+            keep += [[] for _ in range(K - len(keep))]
+            new_seqs.append(keep)
+            if len(finished[b]) >= K:
+                worst_kept = sorted(s for s, _ in finished[b])[-K]
+                if not np.isfinite(new_scores[b]).any() or norm(new_scores[b].max(), t + 1) <= worst_kept:
+                    done[b] = True
+        if done.all():
+            break
+        stepper.reorder(src.reshape(-1))
+        tokens, scores, seqs = new_tokens.reshape(-1), new_scores, new_seqs
+    results = []
+    for b in range(B):
+        pool = list(finished[b])
+        if not done[b]:  # out of length: live beams compete as they are
+            pool += [(norm(scores[b, k], max(len(seqs[b][k]), 1)), seqs[b][k])
+                     for k in range(K) if np.isfinite(scores[b, k])]
+        results.append(max(pool, key=lambda x: x[0])[1] if pool else [])
+    return results
+
+
+def _max_new_tokens(model: ErnieViLG, requested: Optional[int]) -> int:
+    """Text positions after [CLS]: at most max_text_len - 1 tokens (including [SEP])."""
+    limit = model.cfg.max_text_len - 1
+    return limit if requested is None or requested <= 0 else min(requested, limit)

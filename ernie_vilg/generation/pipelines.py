@@ -1,0 +1,177 @@
+"""End-to-end pipelines behind the tools: load a checkpoint folder, text -> image, image -> text.
+
+A vilg checkpoint folder (written by the Trainer + `VilgTrainModule.save_extras`) holds
+`model.pdparams`, `config.yaml`, `meta.json`, `vocab.txt`, `vilg.json` and `image_tokenizer/` (a copy
+of the image tokenizer checkpoint), so `--ckpt DIR` alone is enough.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import paddle
+
+from ernie_vilg.config import Config, GenerationConfig
+from ernie_vilg.generation.decoding import (
+    SamplingParams,
+    TextSpecials,
+    beam_search_text_tokens,
+    generate_image_tokens,
+    generate_text_tokens,
+)
+from ernie_vilg.models.transformer import ErnieViLG
+
+DECODE_STRATEGIES = ("greedy", "beam", "sampling")
+
+
+@dataclass
+class VilgBundle:
+    cfg: Config
+    model: ErnieViLG  # eval mode
+    text_tokenizer: Any  # ernie_vilg.text.TextTokenizer
+    image_tokenizer: Optional[Any]  # ernie_vilg.vq.base.ImageTokenizer (frozen), None if absent
+    ckpt_dir: Path
+
+    @property
+    def specials(self) -> TextSpecials:
+        tok = self.text_tokenizer
+        return TextSpecials(tok.cls_id, tok.sep_id, tok.pad_id)
+
+
+def _tokenizer_dir(ckpt: Path, cfg: Config) -> Optional[Path]:
+    """The copy inside the checkpoint, else the original path recorded at training time."""
+    extras_file = ckpt / "vilg.json"
+    extras = json.loads(extras_file.read_text(encoding="utf-8")) if extras_file.is_file() else {}
+    candidates = []
+    if extras.get("image_tokenizer"):
+        candidates.append(ckpt / extras["image_tokenizer"])
+    for src in (extras.get("tokenizer_source"), cfg.Data.tokenizer_ckpt):
+        if src:
+            candidates.append(Path(src))
+    return next((c for c in candidates if (c / "model.pdparams").is_file()), None)
+
+
+def load_bundle(ckpt: str | Path, need_image_tokenizer: bool = False) -> VilgBundle:
+    """Model, text tokenizer and image tokenizer from a checkpoint folder (or its parent run)."""
+    from ernie_vilg.text.tokenizer import TextTokenizer
+    from ernie_vilg.training.checkpoint import load_checkpoint_config, load_model_state, set_model_state
+
+    ckpt_dir, cfg = load_checkpoint_config(ckpt)
+    vocab = ckpt_dir / "vocab.txt"
+    text_tokenizer = TextTokenizer(vocab if vocab.is_file() else cfg.Data.vocab_file)
+    tok_dir = _tokenizer_dir(ckpt_dir, cfg)
+    image_tokenizer = None
+    if tok_dir is not None:
+        from ernie_vilg.vq.base import load_tokenizer
+
+        image_tokenizer = load_tokenizer(tok_dir)
+    elif need_image_tokenizer:
+        raise FileNotFoundError(f"{ckpt_dir}: no image tokenizer (neither image_tokenizer/ nor "
+                                f"Data.tokenizer_ckpt={cfg.Data.tokenizer_ckpt!r} has model.pdparams)")
+    if cfg.Model.text_vocab_size == 0:
+        cfg.Model.text_vocab_size = text_tokenizer.vocab_size
+    if image_tokenizer is not None and cfg.Model.image_vocab_size == 0:
+        cfg.Model.image_vocab_size = image_tokenizer.codebook_size
+    if image_tokenizer is not None and cfg.Model.image_grid == 0:
+        cfg.Model.image_grid = image_tokenizer.grid_size(cfg.Data.image_size)
+    model = ErnieViLG(cfg.Model)
+    set_model_state(model, load_model_state(ckpt_dir), ckpt_dir)
+    model.eval()
+    return VilgBundle(cfg, model, text_tokenizer, image_tokenizer, ckpt_dir)
+
+
+def image_sampling_params(gen: GenerationConfig) -> SamplingParams:
+    return SamplingParams(greedy=False, temperature=gen.temperature, top_k=gen.top_k, top_p=gen.top_p)
+
+
+def text_to_image_ids(bundle: VilgBundle, texts: Sequence[str], num_candidates: int = 1, seed: int = 0,
+                      params: Optional[SamplingParams] = None) -> np.ndarray:
+    """Image token grids [len(texts) * num_candidates, h, w] (candidates of a text are adjacent)."""
+    cfg = bundle.cfg
+    text_ids = bundle.text_tokenizer.encode_batch(list(texts), cfg.Data.max_text_len, pad_to_longest=True)
+    return generate_image_tokens(bundle.model, text_ids, params or image_sampling_params(cfg.Generation),
+                                 num_candidates=num_candidates, seed=seed)
+
+
+def decode_image_ids(image_tokenizer: Any, ids: np.ndarray) -> np.ndarray:
+    """Token grids [N, h, w] -> uint8 RGB images [N, H, W, 3] with the VQ decoder (two-stage path)."""
+    from ernie_vilg.data.images import denormalize
+
+    images = image_tokenizer.decode_ids(paddle.to_tensor(np.asarray(ids, dtype=np.int64)))
+    return denormalize(images.numpy())
+
+
+def text_to_image(bundle: VilgBundle, texts: Sequence[str], num_candidates: int = 1, seed: int = 0,
+                  params: Optional[SamplingParams] = None) -> np.ndarray:
+    """uint8 images [len(texts) * num_candidates, H, W, 3]."""
+    if bundle.image_tokenizer is None:
+        raise FileNotFoundError(f"{bundle.ckpt_dir}: no image tokenizer to decode image tokens")
+    return decode_image_ids(bundle.image_tokenizer, text_to_image_ids(bundle, texts, num_candidates, seed, params))
+
+
+def captions_from_ids(bundle: VilgBundle, image_ids: np.ndarray, strategy: Optional[str] = None,
+                      seed: int = 0) -> list[str]:
+    """Captions for image token grids [B, h, w] with Generation.decode_strategy (or `strategy`)."""
+    gen = bundle.cfg.Generation
+    strategy = strategy or gen.decode_strategy
+    if strategy not in DECODE_STRATEGIES:
+        raise ValueError(f"Generation.decode_strategy: unknown {strategy!r} (known: {', '.join(DECODE_STRATEGIES)})")
+    if strategy == "beam":
+        seqs = beam_search_text_tokens(bundle.model, image_ids, bundle.specials, gen.beam_size,
+                                       gen.length_penalty, gen.max_text_len)
+    else:
+        params = SamplingParams(greedy=strategy == "greedy", temperature=gen.temperature, top_k=gen.top_k,
+                                top_p=gen.top_p)
+        seqs = generate_text_tokens(bundle.model, image_ids, bundle.specials, params, gen.max_text_len, seed)
+    return [bundle.text_tokenizer.decode(s) for s in seqs]
+
+
+def caption_images(bundle: VilgBundle, image_paths: Sequence[str | Path], strategy: Optional[str] = None,
+                   batch_size: int = 16) -> list[str]:
+    """One caption per image file (center crop + resize to Data.image_size, then the VQ encoder)."""
+    from ernie_vilg.data.images import load_image
+
+    if bundle.image_tokenizer is None:
+        raise FileNotFoundError(f"{bundle.ckpt_dir}: no image tokenizer to encode images")
+    captions: list[str] = []
+    for start in range(0, len(image_paths), batch_size):
+        chunk = image_paths[start:start + batch_size]
+        pixels = np.stack([load_image(p, bundle.cfg.Data.image_size) for p in chunk])  # [b, 3, H, W]
+        ids = bundle.image_tokenizer.encode_to_ids(paddle.to_tensor(pixels)).numpy()
+        captions += captions_from_ids(bundle, ids, strategy)
+    return captions
+
+
+def save_grid(images: np.ndarray, path: str | Path, columns: int = 0) -> None:
+    """uint8 images [N, H, W, 3] -> one PNG grid (columns default: ceil(sqrt(N)))."""
+    from PIL import Image
+
+    n, h, w, _ = images.shape
+    cols = columns or int(np.ceil(np.sqrt(n)))
+    rows = int(np.ceil(n / cols))
+    grid = np.zeros((rows * h, cols * w, 3), dtype=np.uint8)
+    for i, img in enumerate(images):
+        r, c = divmod(i, cols)
+        grid[r * h:(r + 1) * h, c * w:(c + 1) * w] = img
+    Image.fromarray(grid).save(path)
+
+
+def generate_to_folder(ckpt: str | Path, texts: Sequence[str], out: str | Path, num_candidates: int = 1,
+                       seed: int = 0) -> list[Path]:
+    """tools/generate.py: a PNG per sample (`{text index}_{candidate}.png`) and grid.png."""
+    from PIL import Image
+
+    bundle = load_bundle(ckpt, need_image_tokenizer=True)
+    images = text_to_image(bundle, texts, num_candidates, seed)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, img in enumerate(images):
+        path = out / f"{i // num_candidates:03d}_{i % num_candidates:02d}.png"
+        Image.fromarray(img).save(path)
+        paths.append(path)
+    save_grid(images, out / "grid.png", columns=num_candidates if len(texts) > 1 else 0)
+    return paths

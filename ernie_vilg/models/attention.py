@@ -1,0 +1,224 @@
+"""Self-attention over an ERNIE-ViLG stream, with three interchangeable cores (`Model.attention_impl`).
+
+    dense              UniLM mask only (no sparsity), as a precomputed additive (L+n)^2 mask
+    sparse_reference   the layer's sparse pattern as a precomputed additive (L+n)^2 mask
+    sparse_blockwise   the same pattern computed block by block: image tokens are reshaped into
+                       rows / columns (batched matmuls over w x w or h x h blocks) or gathered into
+                       k x k windows (conv); text rows attend densely to what they may see. The full
+                       (L+n)^2 mask and score matrix are never built.
+
+Which keys each query may see is defined only in `sparse_masks.py`. All cores share the
+projections, so one set of weights runs under any core (tests check blockwise == reference).
+
+A layer is called on a prefix of the stream: either the whole stream (training, uncached
+decoding) or the source segment only (the source never sees the target, so it can be encoded in
+one pass before incremental decoding). `step` attends one new target token to the cache.
+"""
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import numpy as np
+import paddle
+import paddle.nn as nn
+import paddle.nn.functional as F
+
+from ernie_vilg.models.sparse_masks import (
+    Direction,
+    LayerKind,
+    StreamLayout,
+    causal_square,
+    conv_neighbours,
+    stream_mask,
+    to_additive,
+    visible_keys,
+)
+
+if TYPE_CHECKING:  # the cache lives with the decoding loops; the model only reads/writes it
+    from ernie_vilg.generation.cache import LayerKV
+
+Tensor = paddle.Tensor
+
+
+def _masked_softmax_attend(q: Tensor, k: Tensor, v: Tensor, additive: Tensor | None) -> Tensor:
+    """q [B,H,Tq,D] (already scaled), k/v [B,H,Tk,D], additive [Tq,Tk] or None -> [B,H,Tq,D]."""
+    scores = paddle.matmul(q, k, transpose_y=True)  # [B, H, Tq, Tk]
+    if additive is not None:
+        scores = scores + additive
+    return paddle.matmul(F.softmax(scores, axis=-1), v)
+
+
+class _Neighbourhood:
+    """Scores of image queries against their row / column / window keys, and the weighted sum.
+
+    `scores(q)` -> [B, H, n, K]; `attend(probs [B, H, n, K])` -> [B, H, n, D]; `additive` [n, K]
+    (or a broadcastable block shape) masks keys the query may not see, None if none.
+    """
+
+    def __init__(self, kind: LayerKind, layout: StreamLayout, k_img: Tensor, v_img: Tensor,
+                 causal: bool, fill_value: float) -> None:
+        self.kind, self.h, self.w = kind, layout.grid_h, layout.grid_w
+        B, H, n, D = k_img.shape
+        self.shape = (B, H, n, D)
+        dtype = k_img.dtype
+        if kind is LayerKind.ROW:
+            # [B, H, n, D] -> [B, H, h, w, D]: one w x w block per row
+            self.k = k_img.reshape([B, H, self.h, self.w, D])
+            self.v = v_img.reshape([B, H, self.h, self.w, D])
+            self.additive = to_additive(causal_square(self.w), fill_value, dtype) if causal else None
+        elif kind is LayerKind.COLUMN:
+            # [B, H, n, D] -> [B, H, h, w, D] -> [B, H, w, h, D]: one h x h block per column
+            self.k = k_img.reshape([B, H, self.h, self.w, D]).transpose([0, 1, 3, 2, 4])
+            self.v = v_img.reshape([B, H, self.h, self.w, D]).transpose([0, 1, 3, 2, 4])
+            self.additive = to_additive(causal_square(self.h), fill_value, dtype) if causal else None
+        elif kind is LayerKind.CONV:
+            index, valid = conv_neighbours(self.h, self.w, layout.conv_kernel, causal)
+            kk = index.shape[1]
+            flat = paddle.to_tensor(index.reshape(-1))  # [n * K]; index n = the zero pad row
+            pad = paddle.zeros([B, H, 1, D], dtype)
+            # [B, H, n + 1, D] -> gather [B, H, n*K, D] -> [B, H, n, K, D]
+            self.k = paddle.index_select(paddle.concat([k_img, pad], axis=2), flat, axis=2).reshape([B, H, n, kk, D])
+            self.v = paddle.index_select(paddle.concat([v_img, pad], axis=2), flat, axis=2).reshape([B, H, n, kk, D])
+            self.additive = to_additive(valid, fill_value, dtype)  # [n, K]
+        else:
+            raise ValueError(f"block-wise attention has no {kind!r} layers")
+
+    def scores(self, q_img: Tensor) -> Tensor:
+        B, H, n, D = self.shape
+        if self.kind is LayerKind.ROW:
+            q = q_img.reshape([B, H, self.h, self.w, D])
+            s = paddle.matmul(q, self.k, transpose_y=True)  # [B, H, h, w, w]
+            if self.additive is not None:
+                s = s + self.additive
+            return s.reshape([B, H, n, self.w])  # [B, H, h*w, w]
+        if self.kind is LayerKind.COLUMN:
+            q = q_img.reshape([B, H, self.h, self.w, D]).transpose([0, 1, 3, 2, 4])  # [B, H, w, h, D]
+            s = paddle.matmul(q, self.k, transpose_y=True)  # [B, H, w, h, h]
+            if self.additive is not None:
+                s = s + self.additive
+            # [B, H, w, h, h] -> [B, H, h, w, h] -> [B, H, n, h]: back to raster order of queries
+            return s.transpose([0, 1, 3, 2, 4]).reshape([B, H, n, self.h])
+        # conv: [B, H, n, 1, D] @ [B, H, n, D, K] -> [B, H, n, 1, K] -> [B, H, n, K]
+        s = paddle.matmul(q_img.unsqueeze(3), self.k, transpose_y=True).squeeze(3)
+        return s + self.additive
+
+    def attend(self, probs: Tensor) -> Tensor:
+        B, H, n, D = self.shape
+        if self.kind is LayerKind.ROW:
+            p = probs.reshape([B, H, self.h, self.w, self.w])
+            return paddle.matmul(p, self.v).reshape([B, H, n, D])  # [B, H, h, w, D] -> [B, H, n, D]
+        if self.kind is LayerKind.COLUMN:
+            # [B, H, n, h] -> [B, H, h, w, h] -> [B, H, w, h, h]
+            p = probs.reshape([B, H, self.h, self.w, self.h]).transpose([0, 1, 3, 2, 4])
+            out = paddle.matmul(p, self.v)  # [B, H, w, h, D]
+            return out.transpose([0, 1, 3, 2, 4]).reshape([B, H, n, D])  # -> [B, H, h, w, D] -> [B, H, n, D]
+        # conv: [B, H, n, 1, K] @ [B, H, n, K, D] -> [B, H, n, 1, D] -> [B, H, n, D]
+        return paddle.matmul(probs.unsqueeze(3), self.v).squeeze(3)
+
+
+def blockwise_attention(q: Tensor, k: Tensor, v: Tensor, layout: StreamLayout, kind: LayerKind,
+                        fill_value: float) -> Tensor:
+    """Sparse attention over a stream prefix (source only, or the whole stream), block by block.
+
+    q is already scaled; q/k/v [B, H, T, D] with T = layout.source_len or layout.total.
+    """
+    T, L, n = q.shape[2], layout.text_len, layout.num_image
+    if T not in (layout.source_len, layout.total):
+        raise ValueError(f"block-wise attention runs on the source ({layout.source_len}) or the "
+                         f"whole stream ({layout.total}), got {T} positions")
+    outs = []
+    # split (not slice): the backward of a split is one concat, a slice's is a zero-filled copy each
+    parts = [L, n] if layout.direction is Direction.TXT2IMG else [n, L]
+    if T == layout.total:
+        (q_a, q_b), (k_a, k_b), (v_a, v_b) = (paddle.split(t, parts, axis=2) for t in (q, k, v))
+    else:
+        q_a, k_a, v_a = q, k, v
+    if layout.direction is Direction.TXT2IMG:
+        q_t, k_t, v_t = q_a, k_a, v_a
+        outs.append(_masked_softmax_attend(q_t, k_t, v_t, None))  # text sees all text
+        if T == layout.total:
+            q_i, k_i, v_i = q_b, k_b, v_b
+            nb = _Neighbourhood(kind, layout, k_i, v_i, causal=True, fill_value=fill_value)
+            s_text = paddle.matmul(q_i, k_t, transpose_y=True)  # [B, H, n, L]: every text key
+            probs = F.softmax(paddle.concat([s_text, nb.scores(q_i)], axis=-1), axis=-1)  # [B, H, n, L + K]
+            p_text, p_img = paddle.split(probs, [L, probs.shape[-1] - L], axis=-1)
+            outs.append(paddle.matmul(p_text, v_t) + nb.attend(p_img))
+    else:
+        q_i, k_i, v_i = q_a, k_a, v_a
+        nb = _Neighbourhood(kind, layout, k_i, v_i, causal=False, fill_value=fill_value)
+        outs.append(nb.attend(F.softmax(nb.scores(q_i), axis=-1)))  # image: bidirectional, no text
+        if T == layout.total:
+            # text rows: every image key + causal text; the mask is only [L, n + L]
+            allowed = np.concatenate([np.ones((L, n), dtype=bool), causal_square(L)], axis=1)
+            outs.append(_masked_softmax_attend(q_b, k, v, to_additive(allowed, fill_value, q.dtype)))
+    return paddle.concat(outs, axis=2) if len(outs) > 1 else outs[0]
+
+
+class SelfAttention(nn.Layer):
+    """Multi-head self-attention of one layer; `kind` is its sparse pattern, `impl` the core."""
+
+    def __init__(self, hidden_size: int, num_heads: int, kind: LayerKind, impl: str, conv_kernel: int,
+                 mask_fill_value: float, dropout: float, init_std: float, proj_std: float) -> None:
+        super().__init__()
+        if hidden_size % num_heads:
+            raise ValueError(f"hidden_size {hidden_size} is not divisible by num_heads {num_heads}")
+        self.num_heads, self.head_dim = num_heads, hidden_size // num_heads
+        self.kind, self.impl, self.conv_kernel = kind, impl, conv_kernel
+        self.fill_value = mask_fill_value
+        normal = nn.initializer.Normal(std=init_std)
+        self.qkv = nn.Linear(hidden_size, 3 * hidden_size, weight_attr=paddle.ParamAttr(initializer=normal))
+        self.proj = nn.Linear(hidden_size, hidden_size,
+                              weight_attr=paddle.ParamAttr(initializer=nn.initializer.Normal(std=proj_std)))
+        self.dropout = nn.Dropout(dropout)
+        # additive (L+n)^2 masks of the dense cores, built once per layout
+        self._mask_cache: dict[StreamLayout, Tensor] = {}
+
+    def _heads(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        B, T, _ = x.shape
+        # [B, T, 3d] -> [B, T, 3, H, D] -> [3, B, H, T, D]
+        qkv = self.qkv(x).reshape([B, T, 3, self.num_heads, self.head_dim]).transpose([2, 0, 3, 1, 4])
+        q, k, v = paddle.unbind(qkv, axis=0)  # 3 x [B, H, T, D]
+        return q * (1.0 / math.sqrt(self.head_dim)), k, v
+
+    def _merge(self, out: Tensor) -> Tensor:
+        B, H, T, D = out.shape
+        # [B, H, T, D] -> [B, T, H, D] -> [B, T, H*D]
+        return self.dropout(self.proj(out.transpose([0, 2, 1, 3]).reshape([B, T, H * D])))
+
+    def _full_mask(self, layout: StreamLayout, dtype: paddle.dtype) -> Tensor:
+        if layout not in self._mask_cache:
+            self._mask_cache[layout] = to_additive(stream_mask(layout, self.kind), self.fill_value)
+        return self._mask_cache[layout].astype(dtype)
+
+    def forward(self, x: Tensor, layout: StreamLayout, cache: LayerKV | None = None) -> Tensor:
+        """x [B, T, d] for stream positions [0, T) (T = source or whole stream) -> [B, T, d].
+
+        With a cache, the keys / values of these positions are written into it (prefill).
+        """
+        T = x.shape[1]
+        q, k, v = self._heads(x)
+        if self.impl == "sparse_blockwise":
+            out = blockwise_attention(q, k, v, layout, self.kind, self.fill_value)
+        else:
+            if T not in (layout.source_len, layout.total):
+                raise ValueError(f"attention runs on the source or the whole stream, got {T} positions")
+            # the source block of the stream mask is its top-left corner (the source comes first)
+            out = _masked_softmax_attend(q, k, v, self._full_mask(layout, q.dtype)[:T, :T])
+        if cache is not None:
+            cache.write(0, k, v)
+        return self._merge(out)
+
+    def step(self, x: Tensor, layout: StreamLayout, position: int, cache: LayerKV) -> Tensor:
+        """One new target token at stream `position`: x [B, 1, d] -> [B, 1, d].
+
+        Reads only the keys the pattern allows (e.g. text + the current row in a row layer), so
+        the cost does not grow with the whole sequence where the pattern does not need it.
+        """
+        q, k, v = self._heads(x)  # [B, H, 1, D]
+        cache.write(position, k, v)
+        idx = paddle.to_tensor(visible_keys(layout, self.kind, position))  # [K]
+        keys = paddle.index_select(cache.key, idx, axis=2)  # [B, H, K, D]
+        values = paddle.index_select(cache.value, idx, axis=2)
+        return self._merge(_masked_softmax_attend(q, keys, values, None))
+

@@ -1,0 +1,49 @@
+"""The ERNIE-ViLG training criterion (paper Eq. 3-5): L = L_txt2img + L_img2txt.
+
+Each direction is a token-mean negative log-likelihood over its target tokens: every image token
+for text-to-image, the non-padding text targets (w_1 .. [SEP]) for image-to-text. Token means
+(rather than the sums of Eq. 4-5) keep the two terms on one scale whatever n and m are; the
+per-direction values are returned for logging.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import paddle
+import paddle.nn as nn
+import paddle.nn.functional as F
+
+Tensor = paddle.Tensor
+
+
+@dataclass
+class VilgLoss:
+    total: Tensor  # scalar to minimise
+    txt2img: Tensor  # scalar, mean NLL per image token
+    img2txt: Tensor  # scalar, mean NLL per text target token
+
+
+def token_nll(logits: Tensor, targets: Tensor, loss_mask: Tensor | None = None) -> Tensor:
+    """Mean NLL over the tokens where loss_mask is 1. logits [B, T, V], targets [B, T] int64."""
+    nll = F.cross_entropy(logits.astype("float32"), targets.unsqueeze(-1), reduction="none").squeeze(-1)  # [B, T]
+    if loss_mask is None:
+        return nll.mean()
+    mask = loss_mask.astype("float32")
+    return (nll * mask).sum() / paddle.clip(mask.sum(), min=1.0)
+
+
+class VilgCriterion(nn.Layer):
+    """(image logits, image ids, text logits, text ids) -> VilgLoss."""
+
+    def __init__(self, pad_id: int) -> None:
+        super().__init__()
+        self.pad_id = pad_id
+
+    def forward(self, image_logits: Tensor, image_ids: Tensor, text_logits: Tensor, text_ids: Tensor) -> VilgLoss:
+        """image_logits [B, n, V_img], image_ids [B, h, w] or [B, n]; text_logits [B, L-1, V_txt]
+        (row j predicts text_ids[:, j + 1]), text_ids [B, L] padded with `pad_id`."""
+        image_targets = image_ids.reshape([image_ids.shape[0], -1])  # [B, h, w] -> [B, n]
+        loss_t2i = token_nll(image_logits, image_targets)
+        text_targets = text_ids[:, 1:]  # [B, L - 1]: w_1 .. [SEP] then padding
+        loss_i2t = token_nll(text_logits, text_targets, text_targets != self.pad_id)
+        return VilgLoss(loss_t2i + loss_i2t, loss_t2i, loss_i2t)

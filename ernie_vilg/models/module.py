@@ -1,0 +1,196 @@
+"""The "vilg" training stage: both directions of ERNIE-ViLG on token shards (TrainModule protocol).
+
+Every step runs the text-to-image stream and the image-to-text stream of the same batch through the
+one shared model and minimises L = L_txt2img + L_img2txt (Eq. 3); both terms are logged.
+
+Derived sizes (`Model.text_vocab_size`, `image_vocab_size`, `image_grid` left at 0) are filled in
+from the vocab file and the token shards once, when the module is created, before any model is
+built, so the config the Trainer saves is complete.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import paddle
+
+from ernie_vilg.config import Config, ConfigError
+from ernie_vilg.models.losses import VilgCriterion
+from ernie_vilg.models.sparse_masks import Direction
+from ernie_vilg.models.transformer import ErnieViLG
+from ernie_vilg.text.tokenizer import pad_ids
+
+log = logging.getLogger(__name__)
+
+VOCAB_FILE = "vocab.txt"
+TOKENIZER_DIR = "image_tokenizer"  # copy of the image tokenizer checkpoint inside a vilg checkpoint
+EXTRAS_FILE = "vilg.json"
+
+
+def resolve_model_sizes(cfg: Config, text_vocab_size: int, grid: int, codebook_size: int) -> None:
+    """Fill the 0 (= derive) Model fields and check the explicit ones against the data."""
+    m = cfg.Model
+    for key, actual in (("text_vocab_size", text_vocab_size), ("image_grid", grid),
+                        ("image_vocab_size", codebook_size)):
+        value = getattr(m, key)
+        if value == 0:
+            setattr(m, key, actual)
+        elif value != actual:
+            raise ConfigError(f"Model.{key}={value} but the data says {actual}")
+    if cfg.Data.max_text_len > m.max_text_len:
+        raise ConfigError(f"Data.max_text_len={cfg.Data.max_text_len} exceeds Model.max_text_len={m.max_text_len}")
+
+
+class ShardBatches:
+    """Endless, seeded, resumable batches of (text ids, image ids) from token shards.
+
+    Texts are cut to `max_tokens` ids and padded to the longest text of the batch (padding is
+    compute a CPU cannot spare; the model takes any text length up to Model.max_text_len).
+    Epoch e visits the items of this rank (`perm[rank::world_size]`, perm seeded by (seed, e)) in
+    batches; each visit picks one of the item's reference texts (seeded by (seed, e, item)), so the
+    paraphrases act as augmentation. The state is (epoch, position within the epoch).
+    """
+
+    def __init__(self, shards: Any, text_tokenizer: Any, batch_size: int, max_tokens: int, seed: int,
+                 rank: int = 0, world_size: int = 1) -> None:
+        if len(shards) < world_size:
+            raise ConfigError(f"{len(shards)} training items cannot feed {world_size} ranks")
+        self.shards, self.tok = shards, text_tokenizer
+        self.batch_size, self.max_tokens = batch_size, max_tokens
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.epoch, self.position = 0, 0
+        self._encoded: dict[str, list[int]] = {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"epoch": self.epoch, "position": self.position}
+
+    def set_state_dict(self, state: dict[str, Any]) -> None:
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+
+    def _order(self) -> np.ndarray:
+        perm = np.random.default_rng([self.seed, self.epoch]).permutation(len(self.shards))
+        return perm[self.rank::self.world_size]
+
+    def _text_ids(self, text: str) -> list[int]:
+        if text not in self._encoded:  # tokenising is slow next to a tiny model's step
+            self._encoded[text] = self.tok.encode(text, self.max_tokens)
+        return self._encoded[text]
+
+    def __iter__(self) -> Iterator[dict[str, paddle.Tensor]]:
+        while True:
+            order = self._order()
+            if self.position >= len(order):
+                self.epoch, self.position = self.epoch + 1, 0
+                continue
+            idx = order[self.position:self.position + self.batch_size]
+            texts, images = [], []
+            for i in idx:
+                rec = self.shards[int(i)]
+                choice = np.random.default_rng([self.seed, self.epoch, int(i)]).integers(len(rec.texts))
+                texts.append(self._text_ids(rec.texts[choice]))
+                images.append(rec.image_ids)
+            self.position += len(idx)
+            width = max(len(t) for t in texts)
+            yield {"text_ids": paddle.to_tensor(pad_ids(texts, width, self.tok.pad_id)),  # [B, L]
+                   "image_ids": paddle.to_tensor(np.stack(images).astype(np.int64))}  # [B, h, w]
+
+
+class VilgTrainModule:
+    name = "vilg"
+
+    def __init__(self, cfg: Config) -> None:
+        from ernie_vilg.data.token_shards import TokenShards
+        from ernie_vilg.text.tokenizer import TextTokenizer
+
+        self.cfg = cfg
+        if not cfg.Data.vocab_file:
+            raise ConfigError("Data.vocab_file is empty (build one with tools/build_vocab.py)")
+        if not cfg.Data.train_shards:
+            raise ConfigError("Data.train_shards is empty (write shards with tools/tokenize_images.py)")
+        self.text_tokenizer = TextTokenizer(cfg.Data.vocab_file)
+        self.train_shards = TokenShards(cfg.Data.train_shards)
+        self.val_shards = TokenShards(cfg.Data.val_shards) if cfg.Data.val_shards else None
+        if not cfg.Data.tokenizer_ckpt:
+            cfg.Data.tokenizer_ckpt = str(self.train_shards.info.get("tokenizer_ckpt", ""))
+        resolve_model_sizes(cfg, self.text_tokenizer.vocab_size, self.train_shards.grid,
+                            self.train_shards.codebook_size)
+        self.criterion = VilgCriterion(self.text_tokenizer.pad_id)
+        self._image_tokenizer: Any = None
+        self._tokenizer_missing = False
+
+    # ---------------------------------------------------------------- TrainModule
+    def build_model(self) -> ErnieViLG:
+        paddle.seed(self.cfg.Global.seed)
+        dist = self.cfg.Distributed
+        return ErnieViLG(self.cfg.Model, recompute=dist.recompute, recompute_every_k=dist.recompute_every_k)
+
+    def train_batches(self, rank: int, world_size: int) -> ShardBatches:
+        return ShardBatches(self.train_shards, self.text_tokenizer, self.cfg.Data.batch_size,
+                            self.cfg.Data.max_text_len, self.cfg.Global.seed, rank, world_size)
+
+    def losses(self, model: ErnieViLG, batch: dict[str, paddle.Tensor]):
+        text_ids, image_ids = batch["text_ids"], batch["image_ids"]
+        image_logits = model(text_ids, image_ids, Direction.TXT2IMG)
+        text_logits = model(text_ids, image_ids, Direction.IMG2TXT)
+        return self.criterion(image_logits, image_ids, text_logits, text_ids)
+
+    def training_step(self, model: ErnieViLG, batch: dict[str, paddle.Tensor], step: int
+                      ) -> tuple[paddle.Tensor, dict[str, float]]:
+        loss = self.losses(model, batch)
+        return loss.total, {"loss_txt2img": float(loss.txt2img), "loss_img2txt": float(loss.img2txt)}
+
+    def validate(self, model: ErnieViLG, step: int) -> dict[str, float]:
+        if self.val_shards is None:
+            return {}
+        from ernie_vilg.generation.evaluate import evaluate_model
+
+        count = min(self.cfg.Train.eval_samples, len(self.val_shards))
+        batches = ShardBatches(self.val_shards, self.text_tokenizer, self.cfg.Data.batch_size,
+                               self.cfg.Data.max_text_len, self.cfg.Global.seed)
+        sums, seen = {"val_loss_txt2img": 0.0, "val_loss_img2txt": 0.0}, 0
+        for batch in batches:
+            n = batch["text_ids"].shape[0]
+            loss = self.losses(model, batch)
+            sums["val_loss_txt2img"] += float(loss.txt2img) * n
+            sums["val_loss_img2txt"] += float(loss.img2txt) * n
+            seen += n
+            if seen >= count or batches.epoch > 0:
+                break
+        metrics = {k: v / seen for k, v in sums.items()}
+        # a few items decoded in both directions: captions (BLEU etc.), images (shapes judge)
+        metrics.update(evaluate_model(model, self.text_tokenizer, self.image_tokenizer(), self.val_shards,
+                                      max_items=min(count, 16), cfg=self.cfg, seed=self.cfg.Global.seed))
+        return metrics
+
+    def save_extras(self, model: ErnieViLG, ckpt_dir: Path) -> None:
+        ckpt_dir = Path(ckpt_dir)
+        shutil.copyfile(self.cfg.Data.vocab_file, ckpt_dir / VOCAB_FILE)
+        extras: dict[str, Any] = {"vocab": VOCAB_FILE, "image_tokenizer": None,
+                                  "tokenizer_source": self.cfg.Data.tokenizer_ckpt or None}
+        src = Path(self.cfg.Data.tokenizer_ckpt) if self.cfg.Data.tokenizer_ckpt else None
+        if src is not None and (src / "model.pdparams").is_file():
+            dst = ckpt_dir / TOKENIZER_DIR
+            dst.mkdir(exist_ok=True)
+            for name in ("model.pdparams", "config.yaml", "meta.json"):  # what load_tokenizer needs
+                if (src / name).is_file():
+                    shutil.copyfile(src / name, dst / name)
+            extras["image_tokenizer"] = TOKENIZER_DIR
+        (ckpt_dir / EXTRAS_FILE).write_text(json.dumps(extras, ensure_ascii=False, indent=1), encoding="utf-8")
+
+    # ---------------------------------------------------------------- helpers
+    def image_tokenizer(self) -> Any:
+        """The frozen image tokenizer for validation decoding, or None when unavailable."""
+        if self._image_tokenizer is None and not self._tokenizer_missing:
+            path = Path(self.cfg.Data.tokenizer_ckpt)
+            if self.cfg.Data.tokenizer_ckpt and (path / "model.pdparams").is_file():
+                from ernie_vilg.vq.base import load_tokenizer
+
+                self._image_tokenizer = load_tokenizer(path)
+            else:
+                log.warning("no image tokenizer at %r: generated images are not judged", str(path))
+                self._tokenizer_missing = True
+        return self._image_tokenizer

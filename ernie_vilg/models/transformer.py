@@ -1,0 +1,303 @@
+"""The shared bidirectional transformer of ERNIE-ViLG (paper sec. 3.1.2), top to bottom.
+
+One stack of pre-LN blocks serves both directions:
+
+    text-to-image  [t_1..t_L, z_1..z_n]  -> logits of z_1..z_n       (image head)
+    image-to-text  [z_1..z_n, t_1..t_L]  -> logits of t_2..t_L       (text head)
+
+Text convention: `[CLS] w_1 .. w_k [SEP] [PAD] ..` padded to a length L <= `max_text_len` (a batch
+may pad to its longest text; pos_emb_txt has max_text_len rows). [CLS] is the
+begin-of-text token and [SEP] the end; as a target, position j predicts token j + 1, so the
+loss covers w_1 .. [SEP] and skips the padding (`losses.py`). In text-to-image the image tokens
+are predicted from the last text position onwards (z_1 from position L - 1, which sees all text).
+
+Embeddings: tok_emb_txt / tok_emb_img, pos_emb_txt (1-D over text positions), pos_emb_row /
+pos_emb_col (image row and column), dir_emb (0 = text-to-image, 1 = image-to-text) added to every
+token. The heads head_txt / head_img hold the input embedding Parameters themselves (tied).
+
+Models return logits only; the criterion is `losses.VilgCriterion`. `num_params` and
+`flops_per_token` compute sizes from the config alone (no weights are allocated).
+"""
+from __future__ import annotations
+
+import math
+from typing import TYPE_CHECKING
+
+import numpy as np
+import paddle
+import paddle.nn as nn
+import paddle.nn.functional as F
+
+from ernie_vilg.config import ModelConfig
+from ernie_vilg.models.attention import SelfAttention
+from ernie_vilg.models.sparse_masks import (
+    Direction,
+    LayerKind,
+    StreamLayout,
+    layer_kinds,
+    mean_visible_keys,
+)
+
+if TYPE_CHECKING:
+    from ernie_vilg.generation.cache import KVCache
+
+Tensor = paddle.Tensor
+RECOMPUTE_MODES = ("none", "full", "every_k")
+
+
+def check_model_config(cfg: ModelConfig) -> None:
+    """Derived sizes must be filled in (0 = 'from the data') before a model is built."""
+    for key in ("text_vocab_size", "image_vocab_size", "image_grid", "max_text_len"):
+        if getattr(cfg, key) <= 0:
+            raise ValueError(f"Model.{key} is {getattr(cfg, key)}: resolve it from the vocab / tokenizer "
+                             f"first (or set it, e.g. -o Model.{key}=N)")
+    if cfg.hidden_size % cfg.num_heads:
+        raise ValueError(f"Model.hidden_size {cfg.hidden_size} is not divisible by Model.num_heads {cfg.num_heads}")
+    layer_kinds(cfg.num_layers, cfg.attention_impl)  # validates attention_impl
+
+
+def stream_layout(cfg: ModelConfig, direction: Direction, text_len: int | None = None) -> StreamLayout:
+    """The stream of one direction with `text_len` text positions (default: max_text_len)."""
+    text_len = cfg.max_text_len if text_len is None else text_len
+    if not 2 <= text_len <= cfg.max_text_len:
+        raise ValueError(f"text length {text_len} is outside [2, Model.max_text_len={cfg.max_text_len}]")
+    return StreamLayout(Direction(direction), text_len, cfg.image_grid, cfg.image_grid, cfg.conv_kernel)
+
+
+class MLP(nn.Layer):
+    def __init__(self, cfg: ModelConfig, proj_std: float) -> None:
+        super().__init__()
+        d, normal = cfg.hidden_size, nn.initializer.Normal(std=cfg.init_std)
+        self.fc1 = nn.Linear(d, cfg.ffn_mult * d, weight_attr=paddle.ParamAttr(initializer=normal))
+        self.fc2 = nn.Linear(cfg.ffn_mult * d, d,
+                             weight_attr=paddle.ParamAttr(initializer=nn.initializer.Normal(std=proj_std)))
+        self.approximate = cfg.gelu_approximate
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.dropout(self.fc2(F.gelu(self.fc1(x), approximate=self.approximate)))
+
+
+class Block(nn.Layer):
+    """Pre-LN transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
+
+    def __init__(self, cfg: ModelConfig, kind: LayerKind) -> None:
+        super().__init__()
+        # GPT-2: residual projections scaled by 1/sqrt(2 * layers) so the residual stream stays O(1)
+        proj_std = cfg.init_std / math.sqrt(2 * cfg.num_layers)
+        self.ln1 = nn.LayerNorm(cfg.hidden_size, epsilon=cfg.layer_norm_eps)
+        self.attn = SelfAttention(cfg.hidden_size, cfg.num_heads, kind, cfg.attention_impl, cfg.conv_kernel,
+                                  cfg.mask_fill_value, cfg.dropout, cfg.init_std, proj_std)
+        self.ln2 = nn.LayerNorm(cfg.hidden_size, epsilon=cfg.layer_norm_eps)
+        self.mlp = MLP(cfg, proj_std)
+
+    def forward(self, x: Tensor, layout: StreamLayout, cache=None) -> Tensor:
+        x = x + self.attn(self.ln1(x), layout, cache)
+        return x + self.mlp(self.ln2(x))
+
+    def step(self, x: Tensor, layout: StreamLayout, position: int, cache) -> Tensor:
+        x = x + self.attn.step(self.ln1(x), layout, position, cache)
+        return x + self.mlp(self.ln2(x))
+
+
+class TiedHead(nn.Layer):
+    """Output projection that reuses an input embedding matrix [V, d]: logits = h W^T + b."""
+
+    def __init__(self, weight: paddle.base.framework.Parameter) -> None:
+        super().__init__()
+        self.weight = weight  # the embedding's Parameter itself: one tensor, two names
+        self.bias = self.create_parameter([weight.shape[0]], is_bias=True)
+
+    def forward(self, h: Tensor) -> Tensor:
+        return paddle.matmul(h, self.weight, transpose_y=True) + self.bias
+
+
+class ErnieViLG(nn.Layer):
+    """The shared bidirectional generator. `forward` returns the target logits of one direction."""
+
+    def __init__(self, cfg: ModelConfig, recompute: str = "none", recompute_every_k: int = 1) -> None:
+        super().__init__()
+        check_model_config(cfg)
+        if recompute not in RECOMPUTE_MODES:
+            raise ValueError(f"recompute {recompute!r} is not supported by the model "
+                             f"(known: {', '.join(RECOMPUTE_MODES)})")
+        self.cfg = cfg
+        self.recompute, self.recompute_every_k = recompute, max(1, recompute_every_k)
+        d = cfg.hidden_size
+        emb_attr = lambda: paddle.ParamAttr(initializer=nn.initializer.Normal(std=cfg.init_std))  # noqa: E731
+        self.tok_emb_txt = nn.Embedding(cfg.text_vocab_size, d, weight_attr=emb_attr())
+        self.tok_emb_img = nn.Embedding(cfg.image_vocab_size, d, weight_attr=emb_attr())
+        self.pos_emb_txt = nn.Embedding(cfg.max_text_len, d, weight_attr=emb_attr())
+        self.pos_emb_row = nn.Embedding(cfg.image_grid, d, weight_attr=emb_attr())
+        self.pos_emb_col = nn.Embedding(cfg.image_grid, d, weight_attr=emb_attr())
+        self.dir_emb = nn.Embedding(2, d, weight_attr=emb_attr())
+        self.drop = nn.Dropout(cfg.dropout)
+        self.kinds = layer_kinds(cfg.num_layers, cfg.attention_impl)
+        self.blocks = nn.LayerList([Block(cfg, kind) for kind in self.kinds])
+        self.ln_f = nn.LayerNorm(d, epsilon=cfg.layer_norm_eps)
+        self.head_txt = TiedHead(self.tok_emb_txt.weight)
+        self.head_img = TiedHead(self.tok_emb_img.weight)
+
+    # ---------------------------------------------------------------- embeddings
+    def layout(self, direction: Direction, text_len: int | None = None) -> StreamLayout:
+        return stream_layout(self.cfg, direction, text_len)
+
+    def _embed_text(self, text_ids: Tensor, start: int) -> Tensor:
+        """text_ids [B, t] at text positions [start, start + t) -> [B, t, d]."""
+        pos = paddle.arange(start, start + text_ids.shape[1])
+        return self.tok_emb_txt(text_ids) + self.pos_emb_txt(pos)
+
+    def _embed_image(self, image_ids: Tensor, start: int) -> Tensor:
+        """image_ids [B, t] at raster positions [start, start + t) -> [B, t, d]."""
+        raster = paddle.arange(start, start + image_ids.shape[1])
+        rows, cols = raster // self.cfg.image_grid, raster % self.cfg.image_grid
+        return self.tok_emb_img(image_ids) + self.pos_emb_row(rows) + self.pos_emb_col(cols)
+
+    def _direction(self, x: Tensor, layout: StreamLayout) -> Tensor:
+        return self.drop(x + self.dir_emb.weight[layout.direction.index])
+
+    def _source_embeddings(self, source_ids: Tensor, layout: StreamLayout) -> Tensor:
+        if layout.direction is Direction.TXT2IMG:
+            return self._embed_text(source_ids, 0)
+        return self._embed_image(source_ids, 0)
+
+    # ---------------------------------------------------------------- the block stack
+    def _run_blocks(self, x: Tensor, layout: StreamLayout, cache: KVCache | None) -> Tensor:
+        """The only place that decides about recompute."""
+        for i, block in enumerate(self.blocks):
+            layer_cache = cache.layers[i] if cache is not None else None
+            use_recompute = (self.recompute != "none" and self.training and cache is None
+                             and not x.stop_gradient and i % self.recompute_every_k == 0)
+            if use_recompute:
+                from paddle.distributed.fleet.utils import recompute
+
+                x = recompute(block, x, layout, None, use_reentrant=False)
+            else:
+                x = block(x, layout, layer_cache)
+        return self.ln_f(x)
+
+    def hidden_states(self, text_ids: Tensor, image_ids: Tensor, direction: Direction) -> Tensor:
+        """Last-layer hidden states [B, L + n, d] of the whole stream, in stream order."""
+        layout = self.layout(direction, text_ids.shape[1])
+        L, n = layout.text_len, layout.num_image
+        image_ids = image_ids.reshape([image_ids.shape[0], -1])  # [B, h, w] -> [B, n]
+        if image_ids.shape[1] != n or text_ids.shape[0] != image_ids.shape[0]:
+            raise ValueError(f"expected text [B, L <= {self.cfg.max_text_len}] and image [B, {n}] ids, got "
+                             f"{list(text_ids.shape)} and {list(image_ids.shape)}")
+        txt, img = self._embed_text(text_ids, 0), self._embed_image(image_ids, 0)
+        parts = [txt, img] if layout.direction is Direction.TXT2IMG else [img, txt]
+        x = self._direction(paddle.concat(parts, axis=1), layout)  # [B, L + n, d]
+        return self._run_blocks(x, layout, None)
+
+    def forward(self, text_ids: Tensor, image_ids: Tensor, direction: Direction | str) -> Tensor:
+        """Target logits of one direction, aligned with the targets.
+
+        text_ids [B, L] int64 ([CLS] .. [SEP] [PAD]..; L <= max_text_len), image_ids [B, h, w] or
+        [B, n] int64.
+        text-to-image -> [B, n, V_img] (row k predicts z_k); image-to-text -> [B, L - 1, V_txt]
+        (row j predicts text_ids[:, j + 1]).
+        """
+        direction = Direction(direction)
+        h = self.hidden_states(text_ids, image_ids, direction)
+        L, n = text_ids.shape[1], self.cfg.image_grid ** 2
+        if direction is Direction.TXT2IMG:
+            # positions L-1 .. L+n-2 predict z_1 .. z_n
+            _, h_pred, _ = paddle.split(h, [L - 1, n, 1], axis=1)
+            return self.head_img(h_pred)
+        # text positions 0 .. L-2 predict text 1 .. L-1
+        _, h_pred, _ = paddle.split(h, [n, L - 1, 1], axis=1)
+        return self.head_txt(h_pred)
+
+    # ---------------------------------------------------------------- incremental decoding
+    def prefill(self, source_ids: Tensor, cache: KVCache) -> Tensor:
+        """Encode the source (text [B, L], or image [B, n] / [B, h, w]) into an empty cache.
+
+        Returns the logits of the first target token [B, V_target] (the first image token; for
+        image-to-text the [CLS] prediction, which callers ignore: they feed [CLS] via `step`).
+        """
+        layout = cache.layout
+        if cache.length != 0:
+            raise ValueError("prefill needs an empty cache")
+        source_ids = source_ids.reshape([source_ids.shape[0], -1])
+        if source_ids.shape[1] != layout.source_len:
+            raise ValueError(f"expected {layout.source_len} source ids, got {source_ids.shape[1]}")
+        x = self._direction(self._source_embeddings(source_ids, layout), layout)
+        h = self._run_blocks(x, layout, cache)
+        cache.length = layout.source_len
+        return self._head(h[:, -1], layout)
+
+    def step(self, token_ids: Tensor, cache: KVCache) -> Tensor:
+        """Feed one target token [B] at the cache's next position; logits of the next one [B, V]."""
+        layout, position = cache.layout, cache.length
+        if position < layout.source_len or position >= layout.total:
+            raise ValueError(f"cache position {position} is outside the target segment")
+        offset = position - layout.source_len  # index within the target segment
+        tokens = token_ids.reshape([-1, 1])  # [B] -> [B, 1]
+        if layout.direction is Direction.TXT2IMG:
+            x = self._embed_image(tokens, offset)
+        else:
+            x = self._embed_text(tokens, offset)
+        x = self._direction(x, layout)
+        for block, layer_cache in zip(self.blocks, cache.layers):
+            x = block.step(x, layout, position, layer_cache)
+        cache.length = position + 1
+        return self._head(self.ln_f(x)[:, 0], layout)
+
+    def _head(self, h: Tensor, layout: StreamLayout) -> Tensor:
+        return self.head_img(h) if layout.direction is Direction.TXT2IMG else self.head_txt(h)
+
+    def new_cache(self, direction: Direction | str, batch_size: int, text_len: int | None = None) -> KVCache:
+        """An empty cache for a stream with `text_len` text positions (default: max_text_len)."""
+        from ernie_vilg.generation.cache import KVCache
+
+        return KVCache.allocate(self.layout(Direction(direction), text_len), len(self.blocks), batch_size,
+                                self.cfg.num_heads, self.cfg.hidden_size // self.cfg.num_heads,
+                                self.tok_emb_txt.weight.dtype)
+
+
+# --------------------------------------------------------------------------------------------
+# Introspection from the config alone (no weights): identical numbers for trainer and benchmarks
+# --------------------------------------------------------------------------------------------
+def num_params(cfg: ModelConfig, include_embeddings: bool = True) -> int:
+    """Exact parameter count of `ErnieViLG(cfg)` (tied heads counted once)."""
+    d, f = cfg.hidden_size, cfg.ffn_mult * cfg.hidden_size
+    per_layer = (2 * d) + (3 * d * d + 3 * d) + (d * d + d) + (2 * d) + (d * f + f) + (f * d + d)
+    total = cfg.num_layers * per_layer + 2 * d  # + ln_f
+    if include_embeddings:
+        total += (cfg.text_vocab_size + cfg.image_vocab_size) * d  # token embeddings = head weights
+        total += (cfg.max_text_len + 2 * cfg.image_grid + 2) * d  # text / row / column / direction
+        total += cfg.text_vocab_size + cfg.image_vocab_size  # head biases
+    return total
+
+
+def flops_per_token(cfg: ModelConfig) -> float:
+    """Training FLOPs (forward + backward) per stream token, averaged over both directions.
+
+    PaLM appendix B: 6 N for the matmuls (N = weights used as matmul operands: the blocks, and the
+    output head for the tokens that are predicted), plus 12 * d * (keys attended) per layer for the
+    attention scores and weighted sums, the keys of each token taken from its layer's pattern
+    (sparse layers attend to far fewer keys than dense ones).
+    """
+    d, f = cfg.hidden_size, cfg.ffn_mult * cfg.hidden_size
+    layouts = [stream_layout(cfg, direction) for direction in Direction]
+    tokens = sum(layout.total for layout in layouts)  # stream tokens of one text-image pair
+    blocks = cfg.num_layers * (4 * d * d + 2 * d * f) * tokens
+    # text-to-image predicts n image tokens, image-to-text L - 1 text tokens
+    heads = (cfg.image_vocab_size * layouts[0].num_image + cfg.text_vocab_size * (cfg.max_text_len - 1)) * d
+    attn = sum(d * mean_visible_keys(layout, kind) * layout.total
+               for layout in layouts for kind in layer_kinds(cfg.num_layers, cfg.attention_impl))
+    return (6 * (blocks + heads) + 12 * attn) / tokens
+
+
+def count_model_params(model: nn.Layer) -> int:
+    """Parameters of an allocated model (shared Parameters once)."""
+    return int(sum(int(np.prod(p.shape)) for p in model.parameters()))
+
+
+def size_report(cfg: ModelConfig) -> dict[str, float]:
+    """Parameter count (total, embeddings, transformer blocks) and training FLOPs per token."""
+    check_model_config(cfg)
+    total, body = num_params(cfg), num_params(cfg, include_embeddings=False)
+    return {"params": total, "params_blocks": body, "params_embeddings": total - body,
+            "flops_per_token": flops_per_token(cfg), "layers": cfg.num_layers, "hidden": cfg.hidden_size,
+            "heads": cfg.num_heads, "image_tokens": cfg.image_grid ** 2, "max_text_len": cfg.max_text_len}

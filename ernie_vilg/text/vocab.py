@@ -1,0 +1,44 @@
+"""Build a WordPiece vocab.txt from manifests: special tokens first, then one token per Chinese
+character, lower-cased ASCII words, and single-character pieces (`x`, `##x`) so every ASCII word
+the builder saw can still be spelled when a whole-word entry is missing."""
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+from typing import Iterable
+
+from ernie_vilg.text.tokenizer import SPECIAL_TOKENS, is_cjk
+
+
+def _texts(manifests: Iterable[str | Path]) -> Iterable[str]:
+    from ernie_vilg.data.manifest import iter_manifest
+
+    for manifest in manifests:
+        for record in iter_manifest(manifest):
+            yield record.text
+            yield from record.texts
+
+
+def build_vocab(manifests: Iterable[str | Path], out: str | Path, min_count: int = 1) -> list[str]:
+    """Write vocab.txt (one token per line) and return its tokens."""
+    from paddlenlp.transformers.bert.tokenizer import BasicTokenizer  # slow import: deferred
+
+    basic = BasicTokenizer(do_lower_case=True, tokenize_chinese_chars=True)
+    words: Counter[str] = Counter()
+    pieces: set[str] = set()
+    for text in _texts(manifests):
+        for word in basic.tokenize(text):
+            words[word] += 1
+            if len(word) > 1 or not is_cjk(word):
+                pieces.update(word)
+                pieces.update("##" + ch for ch in word)
+    kept = sorted(w for w, c in words.items() if c >= min_count)
+    tokens = list(SPECIAL_TOKENS)
+    seen = set(tokens)
+    for tok in kept + sorted(pieces):
+        if tok not in seen:
+            tokens.append(tok)
+            seen.add(tok)
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text("\n".join(tokens) + "\n", encoding="utf-8")
+    return tokens

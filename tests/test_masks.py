@@ -1,0 +1,123 @@
+"""The attention masks against the paper's Fig. 2 example (text length 6, 4x4 image, 3x3 kernel).
+
+The expected patterns are written out by hand here (not derived from the code under test).
+"""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from ernie_vilg.models.sparse_masks import (
+    Direction,
+    LayerKind,
+    StreamLayout,
+    layer_kinds,
+    mean_visible_keys,
+    stream_mask,
+    to_additive,
+    visible_keys,
+)
+
+L, H, W, K = 6, 4, 4, 3
+N = H * W
+
+# 3x3 window of each raster position of a 4x4 grid, cut to the raster past (text-to-image target)
+CONV_CAUSAL = {
+    0: [0], 1: [0, 1], 2: [1, 2], 3: [2, 3],
+    4: [0, 1, 4], 5: [0, 1, 2, 4, 5], 6: [1, 2, 3, 5, 6], 7: [2, 3, 6, 7],
+    8: [4, 5, 8], 9: [4, 5, 6, 8, 9], 10: [5, 6, 7, 9, 10], 11: [6, 7, 10, 11],
+    12: [8, 9, 12], 13: [8, 9, 10, 12, 13], 14: [9, 10, 11, 13, 14], 15: [10, 11, 14, 15],
+}
+# ... and the whole window (image-to-text source, Fig. 2b)
+CONV_BIDIR = {
+    0: [0, 1, 4, 5], 1: [0, 1, 2, 4, 5, 6], 2: [1, 2, 3, 5, 6, 7], 3: [2, 3, 6, 7],
+    4: [0, 1, 4, 5, 8, 9], 5: [0, 1, 2, 4, 5, 6, 8, 9, 10], 6: [1, 2, 3, 5, 6, 7, 9, 10, 11],
+    7: [2, 3, 6, 7, 10, 11], 8: [4, 5, 8, 9, 12, 13], 9: [4, 5, 6, 8, 9, 10, 12, 13, 14],
+    10: [5, 6, 7, 9, 10, 11, 13, 14, 15], 11: [6, 7, 10, 11, 14, 15], 12: [8, 9, 12, 13],
+    13: [8, 9, 10, 12, 13, 14], 14: [9, 10, 11, 13, 14, 15], 15: [10, 11, 14, 15],
+}
+
+
+def hand_image_block(kind: LayerKind, causal: bool) -> np.ndarray:
+    block = np.zeros((N, N), dtype=bool)
+    for p in range(N):
+        r, c = divmod(p, W)
+        if kind is LayerKind.ROW:
+            seen = [r * W + j for j in range(W)]
+        elif kind is LayerKind.COLUMN:
+            seen = [i * W + c for i in range(H)]
+        elif kind is LayerKind.DENSE:
+            seen = list(range(N))
+        else:
+            seen = (CONV_CAUSAL if causal else CONV_BIDIR)[p]
+        for q in seen:
+            if not causal or q <= p:
+                block[p, q] = True
+    return block
+
+
+def hand_stream_mask(direction: Direction, kind: LayerKind) -> np.ndarray:
+    mask = np.zeros((L + N, L + N), dtype=bool)
+    if direction is Direction.TXT2IMG:  # [t_1..t_6, z_1..z_16]
+        mask[:L, :L] = True
+        mask[L:, :L] = True
+        mask[L:, L:] = hand_image_block(kind, causal=True)
+    else:  # [z_1..z_16, t_1..t_6]
+        mask[:N, :N] = hand_image_block(kind, causal=False)
+        mask[N:, :N] = True
+        for j in range(L):
+            mask[N + j, N:N + j + 1] = True
+    return mask
+
+
+@pytest.mark.parametrize("direction", list(Direction))
+@pytest.mark.parametrize("kind", list(LayerKind))
+def test_stream_mask_matches_figure_2_example(direction: Direction, kind: LayerKind) -> None:
+    layout = StreamLayout(direction, L, H, W, K)
+    np.testing.assert_array_equal(stream_mask(layout, kind), hand_stream_mask(direction, kind))
+
+
+def test_source_never_sees_target_and_target_sees_whole_source() -> None:
+    for direction in Direction:
+        layout = StreamLayout(direction, L, H, W, K)
+        S = layout.source_len
+        for kind in LayerKind:
+            mask = stream_mask(layout, kind)
+            assert not mask[:S, S:].any()
+            if direction is Direction.IMG2TXT or kind is LayerKind.DENSE:
+                continue
+            assert mask[S:, :S].all()  # image target sees all text
+
+
+def test_layer_schedule_follows_dalle() -> None:
+    kinds = layer_kinds(8, "sparse_blockwise")
+    assert kinds == [LayerKind.ROW, LayerKind.ROW, LayerKind.COLUMN, LayerKind.ROW,
+                     LayerKind.ROW, LayerKind.ROW, LayerKind.COLUMN, LayerKind.CONV]
+    assert layer_kinds(3, "dense") == [LayerKind.DENSE] * 3
+    with pytest.raises(ValueError, match="attention_impl"):
+        layer_kinds(2, "flash")
+
+
+def test_additive_mask_is_fp16_safe() -> None:
+    mask = stream_mask(StreamLayout(Direction.TXT2IMG, L, H, W, K), LayerKind.ROW)
+    add = to_additive(mask, -1e4, "float16").numpy()
+    assert np.isfinite(add).all()
+    assert set(np.unique(add)) == {0.0, np.float16(-1e4)}
+
+
+@pytest.mark.parametrize("direction", list(Direction))
+@pytest.mark.parametrize("kind", list(LayerKind))
+def test_visible_keys_are_the_mask_rows(direction: Direction, kind: LayerKind) -> None:
+    layout = StreamLayout(direction, 3, 3, 5, 3)
+    mask = stream_mask(layout, kind)
+    for q in range(layout.source_len, layout.total):
+        np.testing.assert_array_equal(visible_keys(layout, kind, q), np.flatnonzero(mask[q]))
+        if kind is LayerKind.ROW and direction is Direction.TXT2IMG:
+            assert len(visible_keys(layout, kind, q)) <= layout.text_len + layout.grid_w
+
+
+@pytest.mark.parametrize("direction", list(Direction))
+@pytest.mark.parametrize("kind", list(LayerKind))
+def test_mean_visible_keys_counts_the_mask(direction: Direction, kind: LayerKind) -> None:
+    layout = StreamLayout(direction, 5, 4, 3, 3)
+    assert mean_visible_keys(layout, kind) == pytest.approx(stream_mask(layout, kind).sum(1).mean())

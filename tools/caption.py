@@ -1,0 +1,39 @@
+"""Image-to-text with a trained ERNIE-ViLG checkpoint:
+`python tools/caption.py --ckpt DIR --image PATH [PATH ...]` prints one JSON line per image,
+{"image": ..., "caption": ...}. The decoding strategy defaults to the checkpoint's
+Generation.decode_strategy (greedy / beam / sampling).
+"""
+import argparse
+import json
+import sys
+
+from ernie_vilg.cli.common import run_or_exit
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ckpt", required=True, help="vilg checkpoint folder (or its run folder)")
+    parser.add_argument("--image", nargs="+", required=True, help="image files")
+    parser.add_argument("--strategy", choices=("greedy", "beam", "sampling"), default=None)
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads (0 = all cores)")
+    args = parser.parse_args()
+
+    def run() -> int:
+        from ernie_vilg.generation.pipelines import caption_images, load_bundle
+        from ernie_vilg.runtime import configure_threads
+
+        configure_threads(args.threads)
+        bundle = load_bundle(args.ckpt, need_image_tokenizer=True)
+        for path, caption in zip(args.image, caption_images(bundle, args.image, args.strategy)):
+            print(json.dumps({"image": path, "caption": caption}, ensure_ascii=False), flush=True)
+        return 0
+
+    from ernie_vilg.config import ConfigError
+    from ernie_vilg.data.images import ImageError
+    from ernie_vilg.training.checkpoint import CheckpointError
+
+    return run_or_exit(run, (ConfigError, CheckpointError, ImageError, FileNotFoundError))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
