@@ -37,12 +37,12 @@ from ernie_vilg.models.sparse_masks import (
     layer_kinds,
     mean_visible_keys,
 )
+from ernie_vilg.training.recompute import POLICIES as RECOMPUTE_MODES, recompute_block
 
 if TYPE_CHECKING:
     from ernie_vilg.generation.cache import KVCache
 
 Tensor = paddle.Tensor
-RECOMPUTE_MODES = ("none", "full", "every_k")
 
 
 def check_model_config(cfg: ModelConfig) -> None:
@@ -91,9 +91,14 @@ class Block(nn.Layer):
         self.ln2 = nn.LayerNorm(cfg.hidden_size, epsilon=cfg.layer_norm_eps)
         self.mlp = MLP(cfg, proj_std)
 
-    def forward(self, x: Tensor, layout: StreamLayout, cache=None) -> Tensor:
-        x = x + self.attn(self.ln1(x), layout, cache)
+    def attention_residual(self, x: Tensor, layout: StreamLayout, cache=None) -> Tensor:
+        return x + self.attn(self.ln1(x), layout, cache)
+
+    def mlp_residual(self, x: Tensor) -> Tensor:
         return x + self.mlp(self.ln2(x))
+
+    def forward(self, x: Tensor, layout: StreamLayout, cache=None) -> Tensor:
+        return self.mlp_residual(self.attention_residual(x, layout, cache))
 
     def step(self, x: Tensor, layout: StreamLayout, position: int, cache) -> Tensor:
         x = x + self.attn.step(self.ln1(x), layout, position, cache)
@@ -165,15 +170,10 @@ class ErnieViLG(nn.Layer):
     def _run_blocks(self, x: Tensor, layout: StreamLayout, cache: KVCache | None) -> Tensor:
         """The only place that decides about recompute."""
         for i, block in enumerate(self.blocks):
-            layer_cache = cache.layers[i] if cache is not None else None
-            use_recompute = (self.recompute != "none" and self.training and cache is None
-                             and not x.stop_gradient and i % self.recompute_every_k == 0)
-            if use_recompute:
-                from paddle.distributed.fleet.utils import recompute
-
-                x = recompute(block, x, layout, None, use_reentrant=False)
+            if cache is None and self.training and self.recompute != "none":
+                x = recompute_block(block, self.recompute, i, x, layout, None, every_k=self.recompute_every_k)
             else:
-                x = block(x, layout, layer_cache)
+                x = block(x, layout, cache.layers[i] if cache is not None else None)
         return self.ln_f(x)
 
     def hidden_states(self, text_ids: Tensor, image_ids: Tensor, direction: Direction) -> Tensor:
