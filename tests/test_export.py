@@ -75,7 +75,10 @@ def test_predictor_gives_dygraph_output_and_one_call_is_one_decoding_step(export
 def test_vq_decoder_graph_matches_dygraph_with_any_batch(exported):
     out, ckpt, *_ = exported
     tokenizer = load_tokenizer(ckpt / "image_tokenizer")
-    ids = np.random.default_rng(1).integers(0, tokenizer.codebook_size, size=(3, 8, 8)).astype("int64")
+    from ernie_vilg.training.checkpoint import load_checkpoint_config
+
+    g = tokenizer.grid_size(load_checkpoint_config(ckpt / "image_tokenizer")[1].Data.image_size)
+    ids = np.random.default_rng(1).integers(0, tokenizer.codebook_size, size=(3, g, g)).astype("int64")
     expected = tokenizer.decode_ids(paddle.to_tensor(ids)).numpy()
     np.testing.assert_allclose(run_predictor(load_predictor(out / "vq_decoder"), ids), expected, rtol=1e-5, atol=1e-6)
     got = paddle.jit.load(str(out / "vq_decoder"))(paddle.to_tensor(ids[:1])).numpy()
