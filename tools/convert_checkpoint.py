@@ -54,11 +54,41 @@ def _args_inspect(p: argparse.ArgumentParser) -> None:
     p.add_argument("--in", dest="input", required=True, help="a .safetensors, PyTorch zip or Paddle weight file")
 
 
+def _taming(args: argparse.Namespace) -> int:
+    from ernie_vilg.convert.taming import convert_taming
+
+    print(convert_taming(args.input, args.out, args.lpips_out, args.image_size))
+    return 0
+
+
+def _args_taming(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--in", dest="input", required=True, help="taming-transformers model.ckpt (f8-8192 / f16-16384)")
+    p.add_argument("--out", required=True, help="tokenizer checkpoint folder to write")
+    p.add_argument("--lpips-out", default=None, help="also write the LPIPS/VGG16 weights (VQGAN.lpips_weights)")
+    p.add_argument("--image-size", type=int, default=256)
+
+
+def _dalle(args: argparse.Namespace) -> int:
+    from ernie_vilg.convert.dalle import convert_dalle
+
+    print(convert_dalle(args.encoder, args.decoder, args.out, args.image_size))
+    return 0
+
+
+def _args_dalle(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--encoder", required=True, help="OpenAI DALL-E encoder.pkl")
+    p.add_argument("--decoder", required=True, help="OpenAI DALL-E decoder.pkl")
+    p.add_argument("--out", required=True, help="tokenizer checkpoint folder to write")
+    p.add_argument("--image-size", type=int, default=256)
+
+
 # name -> (help, add arguments, run). Converters of other formats (VQGAN, dVAE, FID) add rows here.
 SUBCOMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {
     "to-safetensors": ("export a checkpoint's weights as safetensors", _args_to, _to_safetensors),
     "from-safetensors": ("build a checkpoint folder from safetensors weights", _args_from, _from_safetensors),
     "inspect": ("list the tensors of a weight file", _args_inspect, _inspect),
+    "taming": ("taming-transformers VQGAN model.ckpt -> tokenizer checkpoint", _args_taming, _taming),
+    "dalle": ("OpenAI DALL-E dVAE encoder.pkl + decoder.pkl -> tokenizer checkpoint", _args_dalle, _dalle),
 }
 
 

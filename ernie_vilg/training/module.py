@@ -58,6 +58,19 @@ def module_for(cfg: Config) -> TrainModule:
         from ernie_vilg.models.reranker_module import RerankerTrainModule
 
         return RerankerTrainModule(cfg)
+    if stage == "vqgan":
+        from ernie_vilg.vq.gan_module import VQGANTrainModule
+
+        return VQGANTrainModule(cfg)
+    if stage == "dvae":
+        from ernie_vilg.vq.dvae_module import DVAETrainModule
+
+        return DVAETrainModule(cfg)
+    if stage == "vilg_e2e":
+        from ernie_vilg.models.e2e_module import E2ETrainModule
+
+        return E2ETrainModule(cfg)
     from ernie_vilg.config import ConfigError
 
-    raise ConfigError(f"Global.stage: unknown stage {stage!r} (known: vq, vilg, reranker)")
+    raise ConfigError(f"Global.stage: unknown stage {stage!r} "
+                      "(known: vq, vqgan, dvae, vilg, vilg_e2e, reranker)")

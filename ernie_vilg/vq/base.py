@@ -87,9 +87,24 @@ def _build_vqvae(vq_cfg: VQConfig) -> ImageTokenizer:
     return VQVAE(vq_cfg)
 
 
+def _build_vqgan(vq_cfg: VQConfig) -> ImageTokenizer:
+    from ernie_vilg.vq.vqgan import build_vqgan
+
+    return build_vqgan(vq_cfg)
+
+
+def _build_dvae(vq_cfg: VQConfig) -> ImageTokenizer:
+    from ernie_vilg.vq.dvae import build_dvae
+
+    return build_dvae(vq_cfg)
+
+
 # VQ.kind -> constructor. Imports are deferred so base.py does not import every model file.
 TOKENIZERS: dict[str, Callable[[VQConfig], ImageTokenizer]] = {
     "vqvae": _build_vqvae,
+    "vqgan": _build_vqgan,
+    "vqgan_gumbel": _build_vqgan,
+    "dvae": _build_dvae,
 }
 
 

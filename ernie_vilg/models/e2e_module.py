@@ -1,0 +1,102 @@
+"""Stage `vilg_e2e`: the bidirectional model trained end to end with a reconstructor (sec. 3.1.3).
+
+Built on `VilgTrainModule` by subclassing (its data, vocab, size resolution, validation and
+extras are reused unchanged); this module adds:
+
+  * the model `ErnieViLGE2E` (ErnieViLG + `e2e` reconstructor initialised from the stage-1
+    tokenizer `Data.tokenizer_ckpt`, which must be set: its architecture is the reconstructor's);
+  * batches that also carry the gold images (`E2EBatches`, read from each shard row's `image`);
+  * the loss gen_weight * L_txt2img + i2t_weight * L_img2txt + rec_weight * L_rec.
+
+Limitation (documented): the hidden states come from `ErnieViLGE2E.txt2img_with_hidden`, called
+on the unwrapped model, so under paddle.DataParallel the gradient all-reduce hooks that
+`DataParallel.forward` arms are bypassed; this stage is single-process until the model exposes
+hidden states from `forward` (see the report of issue 6 for the exact hook).
+"""
+from __future__ import annotations
+
+from typing import Any, Iterator
+
+import numpy as np
+import paddle
+
+from ernie_vilg.config import Config, ConfigError
+from ernie_vilg.data.images import load_image
+from ernie_vilg.models.e2e import ErnieViLGE2E, load_image_tokenizer
+from ernie_vilg.models.module import ShardBatches, VilgTrainModule
+from ernie_vilg.models.sparse_masks import Direction
+from ernie_vilg.text.tokenizer import pad_ids
+
+
+class E2EBatches(ShardBatches):
+    """ShardBatches plus "images" [B, 3, S, S] in [-1, 1]: the gold images of the rows.
+
+    Same order, text choice and state as ShardBatches (the loop is the parent's, with the image
+    read added), so switching a run between the two stages keeps its data position meaning."""
+
+    def __init__(self, *args: Any, image_size: int, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.image_size = image_size
+
+    def __iter__(self) -> Iterator[dict[str, paddle.Tensor]]:
+        while True:
+            order = self._order()
+            if self.position >= len(order):
+                self.epoch, self.position = self.epoch + 1, 0
+                continue
+            idx = order[self.position:self.position + self.batch_size]
+            texts, ids, images = [], [], []
+            for i in idx:
+                rec = self.shards[int(i)]
+                choice = np.random.default_rng([self.seed, self.epoch, int(i)]).integers(len(rec.texts))
+                texts.append(self._text_ids(rec.texts[choice]))
+                ids.append(rec.image_ids)
+                if "image" not in rec.meta:
+                    raise ConfigError("token shards without image paths: the end-to-end stage needs the gold "
+                                      "images (re-tokenize with tools/tokenize_images.py)")
+                images.append(load_image(rec.meta["image"], self.image_size))
+            self.position += len(idx)
+            width = max(len(t) for t in texts)
+            yield {"text_ids": paddle.to_tensor(pad_ids(texts, width, self.tok.pad_id)),
+                   "image_ids": paddle.to_tensor(np.stack(ids).astype(np.int64)),
+                   "images": paddle.to_tensor(np.stack(images).astype(np.float32))}
+
+
+class E2ETrainModule(VilgTrainModule):
+    name = "vilg_e2e"
+
+    def __init__(self, cfg: Config) -> None:
+        super().__init__(cfg)
+        if not cfg.Data.tokenizer_ckpt:
+            raise ConfigError("Data.tokenizer_ckpt: the end-to-end stage needs the image tokenizer "
+                              "(its decoder architecture and weights start the reconstructor)")
+        self._image_tokenizer = load_image_tokenizer(cfg.Data.tokenizer_ckpt)
+        self.image_size = int(self.train_shards.info.get("image_size", cfg.Data.image_size))
+
+    def build_model(self) -> ErnieViLGE2E:
+        paddle.seed(self.cfg.Global.seed)
+        d = self.cfg.Distributed
+        return ErnieViLGE2E(self.cfg.Model, self._image_tokenizer, self.cfg.E2E,
+                            recompute=d.recompute, recompute_every_k=d.recompute_every_k)
+
+    def train_batches(self, rank: int, world_size: int) -> E2EBatches:
+        return E2EBatches(self.train_shards, self.text_tokenizer, self.cfg.Data.batch_size,
+                          self.cfg.Data.max_text_len, self.cfg.Global.seed, rank, world_size,
+                          image_size=self.image_size)
+
+    def training_step(self, model: ErnieViLGE2E, batch: dict[str, paddle.Tensor], step: int
+                      ) -> tuple[paddle.Tensor, dict[str, float]]:
+        inner: ErnieViLGE2E = getattr(model, "_layers", model)
+        text_ids, image_ids = batch["text_ids"], batch["image_ids"]
+        # one teacher-forced pass gives both the generation logits and the hidden states
+        image_logits, h_img = inner.txt2img_with_hidden(text_ids, image_ids)
+        text_logits = model(text_ids, image_ids, Direction.IMG2TXT)
+        nll = self.criterion(image_logits, image_ids, text_logits, text_ids)
+        rec = inner.reconstruction_loss(inner.e2e(h_img), batch["images"])
+        w = self.cfg.E2E
+        loss = w.gen_weight * nll.txt2img + w.i2t_weight * nll.img2txt + w.rec_weight * rec
+        return loss, {"loss_txt2img": float(nll.txt2img), "loss_img2txt": float(nll.img2txt),
+                      "loss_rec": float(rec)}
+
+    def image_tokenizer(self) -> Any:
+        return self._image_tokenizer
