@@ -121,3 +121,19 @@ def test_visible_keys_are_the_mask_rows(direction: Direction, kind: LayerKind) -
 def test_mean_visible_keys_counts_the_mask(direction: Direction, kind: LayerKind) -> None:
     layout = StreamLayout(direction, 5, 4, 3, 3)
     assert mean_visible_keys(layout, kind) == pytest.approx(stream_mask(layout, kind).sum(1).mean())
+
+
+@pytest.mark.parametrize("h,w,k,tile", [(4, 4, 3, 2), (6, 5, 5, 3), (32, 32, 11, 8), (7, 9, 3, 8)])
+@pytest.mark.parametrize("causal", [True, False])
+def test_conv_halo_tiles_cover_exactly_the_conv_window(h, w, k, tile, causal):
+    from ernie_vilg.models.sparse_masks import conv_halo_tiles, conv_neighbours
+
+    halo, slot_query, query_slot, valid = conv_halo_tiles(h, w, k, causal, tile)
+    index, want_valid = conv_neighbours(h, w, k, causal)
+    n = h * w
+    keys_per_square = valid.shape[1]
+    assert np.array_equal(slot_query[query_slot], np.arange(n))  # every query has one slot
+    for q in range(n):
+        square = query_slot[q] // (slot_query.size // (halo.size // keys_per_square))
+        got = set(halo.reshape(-1, keys_per_square)[square][valid[q]].tolist())
+        assert got == set(index[q][want_valid[q]].tolist()), q

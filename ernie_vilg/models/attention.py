@@ -29,7 +29,7 @@ from ernie_vilg.models.sparse_masks import (
     LayerKind,
     StreamLayout,
     causal_square,
-    conv_neighbours,
+    conv_halo_tiles,
     stream_mask,
     to_additive,
     visible_keys,
@@ -73,13 +73,19 @@ class _Neighbourhood:
             self.v = v_img.reshape([B, H, self.h, self.w, D]).transpose([0, 1, 3, 2, 4])
             self.additive = to_additive(causal_square(self.h), fill_value, dtype) if causal else None
         elif kind is LayerKind.CONV:
-            index, valid = conv_neighbours(self.h, self.w, layout.conv_kernel, causal)
-            kk = index.shape[1]
-            flat = paddle.to_tensor(index.reshape(-1))  # [n * K]; index n = the zero pad row
+            halo, slot_query, query_slot, valid = conv_halo_tiles(self.h, self.w, layout.conv_kernel, causal)
+            self.halo = halo.size // valid.shape[1]  # T squares
+            self.slots = slot_query.size // self.halo  # S query slots per square
+            kk = valid.shape[1]  # K key slots per square
+            self.slot_query = paddle.to_tensor(slot_query)
+            self.query_slot = paddle.to_tensor(query_slot)
+            flat = paddle.to_tensor(halo.reshape(-1))  # [T * K]; index n = the zero pad row
             pad = paddle.zeros([B, H, 1, D], dtype)
-            # [B, H, n + 1, D] -> gather [B, H, n*K, D] -> [B, H, n, K, D]
-            self.k = paddle.index_select(paddle.concat([k_img, pad], axis=2), flat, axis=2).reshape([B, H, n, kk, D])
-            self.v = paddle.index_select(paddle.concat([v_img, pad], axis=2), flat, axis=2).reshape([B, H, n, kk, D])
+            # [B, H, n + 1, D] -> gather [B, H, T*K, D] -> [B, H, T, K, D]: one key set per square
+            self.k = paddle.index_select(paddle.concat([k_img, pad], axis=2), flat, axis=2).reshape(
+                [B, H, self.halo, kk, D])
+            self.v = paddle.index_select(paddle.concat([v_img, pad], axis=2), flat, axis=2).reshape(
+                [B, H, self.halo, kk, D])
             self.additive = to_additive(valid, fill_value, dtype)  # [n, K]
         else:
             raise ValueError(f"block-wise attention has no {kind!r} layers")
@@ -99,9 +105,12 @@ class _Neighbourhood:
                 s = s + self.additive
             # [B, H, w, h, h] -> [B, H, h, w, h] -> [B, H, n, h]: back to raster order of queries
             return s.transpose([0, 1, 3, 2, 4]).reshape([B, H, n, self.h])
-        # conv: [B, H, n, 1, D] @ [B, H, n, D, K] -> [B, H, n, 1, K] -> [B, H, n, K]
-        s = paddle.matmul(q_img.unsqueeze(3), self.k, transpose_y=True).squeeze(3)
-        return s + self.additive
+        # conv: raster queries -> square slots [B, H, T, S, D] (slots past the grid read a zero row)
+        q = paddle.index_select(paddle.concat([q_img, paddle.zeros([B, H, 1, D], q_img.dtype)], axis=2),
+                                self.slot_query, axis=2).reshape([B, H, self.halo, self.slots, D])
+        s = paddle.matmul(q, self.k, transpose_y=True)  # [B, H, T, S, K]
+        s = s.reshape([B, H, self.halo * self.slots, s.shape[-1]])  # [B, H, T*S, K]
+        return paddle.index_select(s, self.query_slot, axis=2) + self.additive  # [B, H, n, K]
 
     def attend(self, probs: Tensor) -> Tensor:
         B, H, n, D = self.shape
@@ -113,8 +122,12 @@ class _Neighbourhood:
             p = probs.reshape([B, H, self.h, self.w, self.h]).transpose([0, 1, 3, 2, 4])
             out = paddle.matmul(p, self.v)  # [B, H, w, h, D]
             return out.transpose([0, 1, 3, 2, 4]).reshape([B, H, n, D])  # -> [B, H, h, w, D] -> [B, H, n, D]
-        # conv: [B, H, n, 1, K] @ [B, H, n, K, D] -> [B, H, n, 1, D] -> [B, H, n, D]
-        return paddle.matmul(probs.unsqueeze(3), self.v).squeeze(3)
+        # conv: [B, H, n, K] -> square slots [B, H, T, S, K] @ [B, H, T, K, D] -> [B, H, T, S, D]
+        K = probs.shape[-1]
+        p = paddle.index_select(paddle.concat([probs, paddle.zeros([B, H, 1, K], probs.dtype)], axis=2),
+                                self.slot_query, axis=2).reshape([B, H, self.halo, self.slots, K])
+        out = paddle.matmul(p, self.v).reshape([B, H, self.halo * self.slots, D])  # [B, H, T*S, D]
+        return paddle.index_select(out, self.query_slot, axis=2)  # back to raster order [B, H, n, D]
 
 
 def blockwise_attention(q: Tensor, k: Tensor, v: Tensor, layout: StreamLayout, kind: LayerKind,

@@ -139,6 +139,49 @@ def conv_neighbours(grid_h: int, grid_w: int, kernel: int, causal: bool) -> tupl
     return index, valid
 
 
+def conv_halo_tiles(grid_h: int, grid_w: int, kernel: int, causal: bool, tile: int = 8
+                    ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The conv pattern as tiles of queries that share one key set: the tile plus its halo.
+
+    Queries are grouped into `tile` x `tile` squares; every query of a square sees at most the
+    keys of the square grown by r = kernel // 2 on each side, so one [(tile + 2r)^2] key set per
+    square replaces a k*k gather per query (far less memory when the head dim is large).
+
+    Returns, with T squares, S = tile^2 query slots and K = (tile + 2r)^2 key slots per square:
+      `halo_index` int64 [T * K]: raster index of each key slot (out-of-grid slots -> dummy n),
+      `slot_query` int64 [T * S]: raster index of each query slot (slots past the grid -> n),
+      `query_slot` int64 [n]: the slot of each raster query,
+      `valid` bool [n, K]: key slot inside the grid, inside the query's k x k window and, if
+      causal, not after the query in raster order (the same pattern as `conv_neighbours`).
+    """
+    r = kernel // 2
+    t = max(1, min(tile, max(grid_h, grid_w)))
+    th, tw = -(-grid_h // t), -(-grid_w // t)
+    side = t + 2 * r
+    n = grid_h * grid_w
+    ti, tj = np.divmod(np.arange(th * tw), tw)  # [T] square coordinates
+    a, b = np.divmod(np.arange(side * side), side)  # [K] key slot offsets inside the halo
+    kr = (ti * t - r)[:, None] + a[None, :]  # [T, K] key rows
+    kc = (tj * t - r)[:, None] + b[None, :]
+    k_inside = (kr >= 0) & (kr < grid_h) & (kc >= 0) & (kc < grid_w)
+    halo_index = np.where(k_inside, kr * grid_w + kc, n).astype(np.int64)
+    qa, qb = np.divmod(np.arange(t * t), t)  # [S] query slot offsets inside a square
+    qr = (ti * t)[:, None] + qa[None, :]  # [T, S]
+    qc = (tj * t)[:, None] + qb[None, :]
+    q_inside = (qr < grid_h) & (qc < grid_w)
+    slot_query = np.where(q_inside, qr * grid_w + qc, n).astype(np.int64).reshape(-1)
+    query_slot = np.zeros(n, dtype=np.int64)
+    query_slot[slot_query[slot_query < n]] = np.nonzero(slot_query < n)[0]
+    rows, cols = np.divmod(np.arange(n), grid_w)  # [n] raster queries
+    square = (rows // t) * tw + cols // t
+    dr = kr[square] - rows[:, None]  # [n, K] key offset from the query
+    dc = kc[square] - cols[:, None]
+    valid = k_inside[square] & (np.abs(dr) <= r) & (np.abs(dc) <= r)
+    if causal:
+        valid &= (dr < 0) | ((dr == 0) & (dc <= 0))
+    return halo_index, slot_query, query_slot, valid
+
+
 def image_pattern(kind: LayerKind, grid_h: int, grid_w: int, kernel: int, causal: bool) -> np.ndarray:
     """bool [n, n]: which image tokens an image token sees in a layer of this kind."""
     n = grid_h * grid_w
