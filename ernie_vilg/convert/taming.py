@@ -22,7 +22,6 @@ from typing import Optional
 import numpy as np
 
 from ernie_vilg.convert.name_table import ConversionError, Rule, apply_table, write_tokenizer_checkpoint
-from ernie_vilg.convert.torch_pickle import load_state_dict
 
 # One table for taming's VQModel / GumbelVQ state dicts (first match wins).
 TAMING_TABLE: list[Rule] = [
@@ -91,7 +90,6 @@ def read_taming_state(path: str | Path) -> dict[str, np.ndarray]:
 def convert_taming(src: str | Path, out: str | Path, lpips_out: Optional[str | Path] = None,
                    image_size: int = 256) -> Path:
     """Convert `src` (model.ckpt) into the checkpoint folder `out`; optionally write LPIPS weights."""
-    import paddle
 
     from ernie_vilg.config import Config
     from ernie_vilg.vq.vqgan import VQGAN

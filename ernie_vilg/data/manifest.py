@@ -64,19 +64,19 @@ def parse_line(raw: bytes, path: Path, line_no: int, require_text: bool = True) 
         raise ManifestError(where, f"expected a JSON object, got {type(obj).__name__}")
     image = obj.get("image")
     if not isinstance(image, str) or not image.strip():
-        raise ManifestError(where, f"missing or empty 'image' field")
+        raise ManifestError(where, "missing or empty 'image' field")
     text = obj.get("text")
     texts = obj.get("texts") or []
     if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
-        raise ManifestError(where, f"'texts' must be a list of strings")
+        raise ManifestError(where, "'texts' must be a list of strings")
     texts = [t.strip() for t in texts if t.strip()]
     if text is None and texts:
         text = texts[0]
     if require_text:
         if not isinstance(text, str):
-            raise ManifestError(where, f"missing 'text' field")
+            raise ManifestError(where, "missing 'text' field")
         if not text.strip():
-            raise ManifestError(where, f"'text' is empty or whitespace only")
+            raise ManifestError(where, "'text' is empty or whitespace only")
     text = (text or "").strip()
     if text and text not in texts:
         texts = [text] + texts

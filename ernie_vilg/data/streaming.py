@@ -33,7 +33,7 @@ from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 
-from ernie_vilg.data.token_shards import FORMAT, TokenShardError
+from ernie_vilg.data.token_shards import TokenShardError, read_shard_info
 
 log = logging.getLogger(__name__)
 
@@ -92,14 +92,7 @@ class StreamingTokenLoader:
             raise ValueError(f"batch_size and buffer_size must be >= 1, got {batch_size}, {buffer_size}")
         self.path = Path(path)
         info_path = self.path / "info.json"
-        if not info_path.is_file():
-            raise TokenShardError(f"{info_path}: not found (is {self.path} a token shard folder?)")
-        try:
-            self.info: dict[str, Any] = json.loads(info_path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise TokenShardError(f"{info_path}: not valid JSON ({exc})") from None
-        if self.info.get("format") != FORMAT:
-            raise TokenShardError(f"{info_path}: format is {self.info.get('format')!r}, expected {FORMAT!r}")
+        self.info: dict[str, Any] = read_shard_info(self.path)
         self.grid = int(self.info["grid"])
         self.codebook_size = int(self.info["codebook_size"])
         self.shards: list[dict[str, Any]] = list(self.info["shards"])

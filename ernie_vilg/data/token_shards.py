@@ -110,20 +110,26 @@ class TokenShardWriter:
         return info
 
 
+def read_shard_info(path: str | Path) -> dict[str, Any]:
+    """The validated info.json of a token shard folder (TokenShardError naming the file otherwise)."""
+    info_path = Path(path) / "info.json"
+    if not info_path.is_file():
+        raise TokenShardError(f"{info_path}: not found (is {Path(path)} a token shard folder?)")
+    try:
+        info: dict[str, Any] = json.loads(info_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise TokenShardError(f"{info_path}: not valid JSON ({exc})") from None
+    if info.get("format") != FORMAT:
+        raise TokenShardError(f"{info_path}: format is {info.get('format')!r}, expected {FORMAT!r}")
+    return info
+
+
 class TokenShards:
     """Random access to every row of a shard folder; ids are memory-mapped, metadata in RAM."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        info_path = self.path / "info.json"
-        if not info_path.is_file():
-            raise TokenShardError(f"{info_path}: not found (is {self.path} a token shard folder?)")
-        try:
-            self.info: dict[str, Any] = json.loads(info_path.read_text(encoding="utf-8"))
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise TokenShardError(f"{info_path}: not valid JSON ({exc})") from None
-        if self.info.get("format") != FORMAT:
-            raise TokenShardError(f"{info_path}: format is {self.info.get('format')!r}, expected {FORMAT!r}")
+        self.info = read_shard_info(self.path)
         self.grid = int(self.info["grid"])
         self.codebook_size = int(self.info["codebook_size"])
         expected_dtype = _ids_dtype(self.codebook_size)

@@ -28,7 +28,6 @@ from typing import Any
 
 import paddle
 import paddle.nn as nn
-import paddle.nn.functional as F
 
 from ernie_vilg.config import ConfigError, E2EConfig, ModelConfig, VQConfig
 from ernie_vilg.models.sparse_masks import Direction

@@ -179,7 +179,7 @@ class ErnieViLG(nn.Layer):
     def hidden_states(self, text_ids: Tensor, image_ids: Tensor, direction: Direction) -> Tensor:
         """Last-layer hidden states [B, L + n, d] of the whole stream, in stream order."""
         layout = self.layout(direction, text_ids.shape[1])
-        L, n = layout.text_len, layout.num_image
+        n = layout.num_image
         image_ids = image_ids.reshape([image_ids.shape[0], -1])  # [B, h, w] -> [B, n]
         if image_ids.shape[1] != n or text_ids.shape[0] != image_ids.shape[0]:
             raise ValueError(f"expected text [B, L <= {self.cfg.max_text_len}] and image [B, {n}] ids, got "
