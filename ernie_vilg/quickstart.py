@@ -54,10 +54,7 @@ def _load(name: str, overrides: list[str]) -> Config:
 
 
 def run_quickstart(out: str | Path, plan: Optional[QuickstartPlan] = None, threads: int = 0) -> dict[str, Any]:
-    from ernie_vilg.runtime import configure_threads, seed_everything
-    from ernie_vilg.training.checkpoint import latest_checkpoint
-    from ernie_vilg.training.module import module_for
-    from ernie_vilg.training.trainer import Trainer
+    from ernie_vilg.runtime import configure_threads
 
     plan = plan or QuickstartPlan()
     out = Path(out)
@@ -87,16 +84,8 @@ def run_quickstart(out: str | Path, plan: Optional[QuickstartPlan] = None, threa
         f"Data.test_manifest={data / 'test.jsonl'}", f"Data.image_size={plan.image_size}",
         *plan.vq_overrides,
     ])
-    vq_ckpt = latest_checkpoint(out / "vq" / "checkpoints")
-    if vq_ckpt is None or _meta_step(vq_ckpt) < vq_cfg.Train.max_steps:
-        _banner(f"2/6 image tokenizer ({plan.vq_config})")
-        seed_everything(vq_cfg.Global.seed)
-        Trainer(vq_cfg, module_for(vq_cfg)).fit()
-        vq_ckpt = latest_checkpoint(out / "vq" / "checkpoints")
-    else:
-        _banner("2/6 image tokenizer: already trained")
+    vq_ckpt = _train_stage(vq_cfg, "2/6 image tokenizer", plan.vq_config)
     timings["tokenizer"] = time.time() - t0
-    assert vq_ckpt is not None
 
     # 3. token shards -------------------------------------------------------------------------
     from ernie_vilg.data.tokenize_images import tokenize_manifest
@@ -124,16 +113,8 @@ def run_quickstart(out: str | Path, plan: Optional[QuickstartPlan] = None, threa
         f"Data.train_shards={out / 'tokens' / 'train'}", f"Data.val_shards={out / 'tokens' / 'val'}",
         f"Data.vocab_file={vocab}", f"Data.tokenizer_ckpt={vq_ckpt}", *plan.vilg_overrides,
     ])
-    vilg_ckpt = latest_checkpoint(out / "vilg" / "checkpoints")
-    if vilg_ckpt is None or _meta_step(vilg_ckpt) < vilg_cfg.Train.max_steps:
-        _banner(f"5/6 ERNIE-ViLG, both directions ({plan.vilg_config})")
-        seed_everything(vilg_cfg.Global.seed)
-        Trainer(vilg_cfg, module_for(vilg_cfg)).fit()
-        vilg_ckpt = latest_checkpoint(out / "vilg" / "checkpoints")
-    else:
-        _banner("5/6 ERNIE-ViLG: already trained")
+    vilg_ckpt = _train_stage(vilg_cfg, "5/6 ERNIE-ViLG", f"both directions, {plan.vilg_config}")
     timings["vilg"] = time.time() - t0
-    assert vilg_ckpt is not None
 
     # 6. evaluation -------------------------------------------------------------------------
     from ernie_vilg.generation.evaluate import evaluate_both_directions
@@ -149,6 +130,27 @@ def run_quickstart(out: str | Path, plan: Optional[QuickstartPlan] = None, threa
     (out / "metrics.json").write_text(json.dumps(result, ensure_ascii=False, indent=1, default=list),
                                       encoding="utf-8")
     return result
+
+
+def _train_stage(cfg: Config, label: str, what: str) -> Path:
+    """Train one stage with the Trainer unless its newest checkpoint already reached max_steps
+    (a run stopped early, e.g. by Train.max_minutes, resumes from its checkpoint)."""
+    from ernie_vilg.runtime import seed_everything
+    from ernie_vilg.training.checkpoint import latest_checkpoint
+    from ernie_vilg.training.module import module_for
+    from ernie_vilg.training.trainer import Trainer
+
+    root = Path(cfg.Global.output_dir) / "checkpoints"
+    ckpt = latest_checkpoint(root)
+    if ckpt is not None and _meta_step(ckpt) >= cfg.Train.max_steps:
+        _banner(f"{label}: already trained")
+        return ckpt
+    _banner(f"{label} ({what})")
+    seed_everything(cfg.Global.seed)
+    Trainer(cfg, module_for(cfg)).fit()
+    ckpt = latest_checkpoint(root)
+    assert ckpt is not None  # fit() always ends with a save
+    return ckpt
 
 
 def _meta_step(ckpt: Path) -> int:

@@ -35,7 +35,7 @@ import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
 
-from ernie_vilg.config import ConfigError, VQConfig
+from ernie_vilg.config import ConfigError, DVAEConfig, VQConfig
 from ernie_vilg.vq.base import ImageTokenizer
 
 Tensor = paddle.Tensor
@@ -68,6 +68,13 @@ def cosine_schedule(step: int, start: float, end: float, steps: int) -> float:
     if steps <= 0 or step >= steps:
         return end
     return end + (start - end) * 0.5 * (1.0 + math.cos(math.pi * step / steps))
+
+
+def gumbel_schedule(dvae_cfg: DVAEConfig, step: int) -> tuple[float, float]:
+    """(gumbel temperature, KL weight) at `step`, from a DVAE config section."""
+    v = dvae_cfg
+    return (cosine_schedule(step, v.temp_start, v.temp_end, v.temp_anneal_steps),
+            cosine_schedule(step, v.kl_weight_start, v.kl_weight_end, v.kl_warmup_steps))
 
 
 def map_pixels(x01: Tensor, eps: float = LOGIT_LAPLACE_EPS) -> Tensor:

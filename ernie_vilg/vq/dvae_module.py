@@ -25,11 +25,9 @@ import paddle.nn as nn
 import paddle.nn.functional as F
 
 from ernie_vilg.config import Config, ConfigError, DVAEConfig
-from ernie_vilg.data.images import ImageBatches
-from ernie_vilg.data.manifest import read_manifest
-from ernie_vilg.vq.dvae import DVAE, DVAEOutput, cosine_schedule, kl_to_uniform, map_pixels
-from ernie_vilg.vq.evaluate import evaluate_records
+from ernie_vilg.vq.dvae import DVAE, DVAEOutput, gumbel_schedule, kl_to_uniform, map_pixels
 from ernie_vilg.vq.gan_module import write_tokenizer_info
+from ernie_vilg.vq.module import ImageTokenizerStage
 
 RECON_LOSSES = ("logit_laplace", "mse")
 
@@ -62,7 +60,7 @@ class DVAELoss(nn.Layer):
         return loss, logs
 
 
-class DVAETrainModule:
+class DVAETrainModule(ImageTokenizerStage):
     name = "dvae"
 
     def __init__(self, cfg: Config) -> None:
@@ -78,17 +76,8 @@ class DVAETrainModule:
         model.grid_size(self.cfg.Data.image_size)
         return model
 
-    def train_batches(self, rank: int, world_size: int) -> ImageBatches:
-        d = self.cfg.Data
-        if not d.train_manifest:
-            raise ConfigError("Data.train_manifest: required for the dvae stage")
-        return ImageBatches(d.train_manifest, d.image_size, d.batch_size, self.cfg.Global.seed, rank, world_size)
-
     def schedule(self, step: int) -> tuple[float, float]:
-        """(gumbel temperature, KL weight) at `step`."""
-        v = self.cfg.DVAE
-        return (cosine_schedule(step, v.temp_start, v.temp_end, v.temp_anneal_steps),
-                cosine_schedule(step, v.kl_weight_start, v.kl_weight_end, v.kl_warmup_steps))
+        return gumbel_schedule(self.cfg.DVAE, step)
 
     def training_step(self, model: paddle.nn.Layer, batch: dict[str, Any], step: int
                       ) -> tuple[paddle.Tensor, dict[str, float]]:
@@ -100,14 +89,6 @@ class DVAETrainModule:
         logs.update(temperature=temperature, kl_weight=kl_weight,
                     codes_used=float((counts > 0).astype("float32").mean()))
         return loss, logs
-
-    def validate(self, model: paddle.nn.Layer, step: int) -> dict[str, float]:
-        d = self.cfg.Data
-        if not d.val_manifest:
-            return {}
-        if self._val_records is None:
-            self._val_records = read_manifest(d.val_manifest)[: self.cfg.Train.eval_samples]
-        return evaluate_records(getattr(model, "_layers", model), self._val_records, d.image_size, d.batch_size)
 
     def save_extras(self, model: paddle.nn.Layer, ckpt_dir: Path) -> None:
         write_tokenizer_info(self.cfg, getattr(model, "_layers", model), ckpt_dir)

@@ -30,12 +30,10 @@ import paddle
 import paddle.distributed as dist
 
 from ernie_vilg.config import Config, ConfigError
-from ernie_vilg.data.images import ImageBatches
-from ernie_vilg.data.manifest import read_manifest
 from ernie_vilg.training.checkpoint import optimizer_state_from_structured, optimizer_state_to_structured
-from ernie_vilg.vq.dvae import cosine_schedule
-from ernie_vilg.vq.evaluate import evaluate_records
+from ernie_vilg.vq.dvae import gumbel_schedule
 from ernie_vilg.vq.gan_losses import PatchDiscriminator, VQGANLoss, hinge_d_loss
+from ernie_vilg.vq.module import ImageTokenizerStage
 from ernie_vilg.vq.vqgan import QUANTIZERS, VQGAN
 
 log = logging.getLogger(__name__)
@@ -61,7 +59,7 @@ def write_tokenizer_info(cfg: Config, tokenizer: Any, ckpt_dir: Path) -> None:
     (Path(ckpt_dir) / TOKENIZER_INFO_FILE).write_text(json.dumps(info, indent=1), encoding="utf-8")
 
 
-class VQGANTrainModule:
+class VQGANTrainModule(ImageTokenizerStage):
     name = "vqgan"
 
     def __init__(self, cfg: Config) -> None:
@@ -86,17 +84,8 @@ class VQGANTrainModule:
         model.grid_size(self.cfg.Data.image_size)
         return model
 
-    def train_batches(self, rank: int, world_size: int) -> ImageBatches:
-        d = self.cfg.Data
-        if not d.train_manifest:
-            raise ConfigError("Data.train_manifest: required for the vqgan stage")
-        return ImageBatches(d.train_manifest, d.image_size, d.batch_size, self.cfg.Global.seed, rank, world_size)
-
     def gumbel_schedule(self, step: int) -> tuple[float, float]:
-        """(temperature, KL weight) of the gumbel quantizer at `step` (DVAE section's schedule)."""
-        v = self.cfg.DVAE
-        return (cosine_schedule(step, v.temp_start, v.temp_end, v.temp_anneal_steps),
-                cosine_schedule(step, v.kl_weight_start, v.kl_weight_end, v.kl_warmup_steps))
+        return gumbel_schedule(self.cfg.DVAE, step)
 
     def training_step(self, model: paddle.nn.Layer, batch: dict[str, Any], step: int
                       ) -> tuple[paddle.Tensor, dict[str, float]]:
@@ -138,14 +127,6 @@ class VQGANTrainModule:
         self.disc_optimizer.clear_grad()
         return {"d_loss": float(d_loss), "logits_real": float(logits_real.mean()),
                 "logits_fake": float(logits_fake.mean())}
-
-    def validate(self, model: paddle.nn.Layer, step: int) -> dict[str, float]:
-        d = self.cfg.Data
-        if not d.val_manifest:
-            return {}
-        if self._val_records is None:
-            self._val_records = read_manifest(d.val_manifest)[: self.cfg.Train.eval_samples]
-        return evaluate_records(_unwrap(model), self._val_records, d.image_size, d.batch_size)
 
     def save_extras(self, model: paddle.nn.Layer, ckpt_dir: Path) -> None:
         write_tokenizer_info(self.cfg, _unwrap(model), ckpt_dir)

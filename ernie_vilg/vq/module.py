@@ -22,7 +22,30 @@ def _unwrap(model: paddle.nn.Layer) -> ImageTokenizer:
     return getattr(model, "_layers", model)
 
 
-class VQTrainModule:
+class ImageTokenizerStage:
+    """What every tokenizer stage (vq, vqgan, dvae) shares: image batches from Data.train_manifest
+    and validation by reconstruction metrics on the first Train.eval_samples val images."""
+
+    name = "tokenizer"
+    cfg: Config
+    _val_records: Any = None  # read once, on first validation
+
+    def train_batches(self, rank: int, world_size: int) -> ImageBatches:
+        d = self.cfg.Data
+        if not d.train_manifest:
+            raise ConfigError(f"Data.train_manifest: required for the {self.name} stage")
+        return ImageBatches(d.train_manifest, d.image_size, d.batch_size, self.cfg.Global.seed, rank, world_size)
+
+    def validate(self, model: paddle.nn.Layer, step: int) -> dict[str, float]:
+        d = self.cfg.Data
+        if not d.val_manifest:
+            return {}
+        if self._val_records is None:
+            self._val_records = read_manifest(d.val_manifest)[: self.cfg.Train.eval_samples]
+        return evaluate_records(_unwrap(model), self._val_records, d.image_size, d.batch_size)
+
+
+class VQTrainModule(ImageTokenizerStage):
     name = "vq"
 
     def __init__(self, cfg: Config) -> None:
@@ -39,25 +62,11 @@ class VQTrainModule:
         model.grid_size(self.cfg.Data.image_size)  # fail now if the image size does not divide by f
         return model
 
-    def train_batches(self, rank: int, world_size: int) -> ImageBatches:
-        d = self.cfg.Data
-        if not d.train_manifest:
-            raise ConfigError("Data.train_manifest: required for the vq stage")
-        return ImageBatches(d.train_manifest, d.image_size, d.batch_size, self.cfg.Global.seed, rank, world_size)
-
     def training_step(self, model: paddle.nn.Layer, batch: dict[str, Any], step: int) -> tuple[paddle.Tensor, dict[str, float]]:
         images = paddle.to_tensor(batch["images"], dtype="float32")  # [B, 3, S, S] in [-1, 1]
         loss, logs = self.loss(images, model(images))
         logs.update(_unwrap(model).quantizer.usage_stats())  # usage across steps, not just this batch
         return loss, logs
-
-    def validate(self, model: paddle.nn.Layer, step: int) -> dict[str, float]:
-        d = self.cfg.Data
-        if not d.val_manifest:
-            return {}
-        if self._val_records is None:
-            self._val_records = read_manifest(d.val_manifest)[: self.cfg.Train.eval_samples]
-        return evaluate_records(_unwrap(model), self._val_records, d.image_size, d.batch_size)
 
     def save_extras(self, model: paddle.nn.Layer, ckpt_dir: Path) -> None:
         # the config + weights already rebuild the tokenizer; this small summary lets other
