@@ -30,6 +30,9 @@ class QuickstartPlan:
     num_val: int = 200
     num_test: int = 200
     image_size: int = 64
+    min_objects: int = 1
+    max_objects: int = 3
+    jitter: bool = True  # random offset of each object inside its cell
     seed: int = 0
     vq_config: str = "vq/shapes_vqvae.yaml"
     vilg_config: str = "vilg/shapes.yaml"
@@ -71,7 +74,8 @@ def run_quickstart(out: str | Path, plan: Optional[QuickstartPlan] = None, threa
 
         _banner(f"1/6 shapes world: {plan.num_train} train / {plan.num_val} val / {plan.num_test} test images")
         write_shapes_dataset(data, plan.num_train, plan.num_val, plan.num_test, size=plan.image_size,
-                             seed=plan.seed, progress=True)
+                             seed=plan.seed, min_objects=plan.min_objects, max_objects=plan.max_objects,
+                             jitter=plan.jitter, progress=True)
     else:
         _banner("1/6 shapes world: already written")
     timings["data"] = time.time() - t0

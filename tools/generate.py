@@ -3,6 +3,12 @@
 
 Writes one PNG per sample (`{text}_{candidate}.png`) and grid.png. Sampling settings (temperature,
 top-k, top-p) come from the checkpoint's Generation config.
+
+Best-of-N (paper sec. 4.2): `--num-candidates N --keep K [--reranker RERANKER_DIR]
+[--rank-by reranker|likelihood|both]` samples N images per text, ranks them by the contrastive
+reranker and/or the model's own caption likelihood of each image, and writes only the best K
+(`{text}_rank{r}.png`), a grid of all N per text best first (kept ones framed green) and
+ranking.json with every score.
 """
 import argparse
 import sys
@@ -15,6 +21,11 @@ def main() -> int:
     parser.add_argument("--ckpt", required=True, help="vilg checkpoint folder (or its run folder)")
     parser.add_argument("--text", action="append", required=True, help="prompt (repeatable)")
     parser.add_argument("--num-candidates", type=int, default=1, help="images per prompt")
+    parser.add_argument("--keep", type=int, default=0,
+                        help="best-of-N: keep the best K of --num-candidates per text (0 = keep all, unranked)")
+    parser.add_argument("--reranker", default="", help="reranker checkpoint folder (tools/train.py, stage reranker)")
+    parser.add_argument("--rank-by", default="", choices=["", "reranker", "likelihood", "both"],
+                        help="ranking signal (default: reranker if --reranker is given, else likelihood)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0 = all cores)")
@@ -25,14 +36,15 @@ def main() -> int:
         from ernie_vilg.runtime import configure_threads
 
         configure_threads(args.threads)
-        paths = generate_to_folder(args.ckpt, args.text, args.out, args.num_candidates, args.seed)
+        paths = generate_to_folder(args.ckpt, args.text, args.out, args.num_candidates, args.seed,
+                                   keep=args.keep, reranker=args.reranker or None, rank_by=args.rank_by)
         print(f"wrote {len(paths)} images and grid.png to {args.out}")
         return 0
 
     from ernie_vilg.config import ConfigError
     from ernie_vilg.training.checkpoint import CheckpointError
 
-    return run_or_exit(run, (ConfigError, CheckpointError, FileNotFoundError))
+    return run_or_exit(run, (ConfigError, CheckpointError, FileNotFoundError, ValueError))
 
 
 if __name__ == "__main__":

@@ -160,18 +160,46 @@ def save_grid(images: np.ndarray, path: str | Path, columns: int = 0) -> None:
 
 
 def generate_to_folder(ckpt: str | Path, texts: Sequence[str], out: str | Path, num_candidates: int = 1,
-                       seed: int = 0) -> list[Path]:
-    """tools/generate.py: a PNG per sample (`{text index}_{candidate}.png`) and grid.png."""
+                       seed: int = 0, keep: int = 0, reranker: Optional[str | Path] = None,
+                       rank_by: str = "") -> list[Path]:
+    """tools/generate.py: a PNG per sample (`{text index}_{candidate}.png`) and grid.png.
+
+    With `keep` (1 <= keep <= num_candidates) the candidates of each text are ranked (best-of-N,
+    generation/best_of_n.py, by `rank_by`: reranker | likelihood | both; default reranker when a
+    reranker checkpoint is given, else likelihood), only the best `keep` are written
+    (`{text index}_rank{r}.png`), grid.png shows every candidate best first with the kept ones
+    framed, and ranking.json holds the order and scores."""
     from PIL import Image
 
     bundle = load_bundle(ckpt, need_image_tokenizer=True)
-    images = text_to_image(bundle, texts, num_candidates, seed)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     paths = []
-    for i, img in enumerate(images):
-        path = out / f"{i // num_candidates:03d}_{i % num_candidates:02d}.png"
-        Image.fromarray(img).save(path)
-        paths.append(path)
-    save_grid(images, out / "grid.png", columns=num_candidates if len(texts) > 1 else 0)
+    if not keep:
+        images = text_to_image(bundle, texts, num_candidates, seed)
+        for i, img in enumerate(images):
+            path = out / f"{i // num_candidates:03d}_{i % num_candidates:02d}.png"
+            Image.fromarray(img).save(path)
+            paths.append(path)
+        save_grid(images, out / "grid.png", columns=num_candidates if len(texts) > 1 else 0)
+        return paths
+
+    from ernie_vilg.generation.best_of_n import best_of_n, ranked_grid
+
+    rr = None
+    if reranker:
+        from ernie_vilg.models.reranker import load_reranker
+
+        rr = load_reranker(reranker)
+    signal = rank_by or ("reranker" if rr is not None else "likelihood")
+    images, rankings = best_of_n(bundle, texts, num_candidates, keep, signal, rr, seed)
+    for t, ranking in enumerate(rankings):
+        for r, cand in enumerate(ranking.kept):
+            path = out / f"{t:03d}_rank{r}.png"
+            Image.fromarray(images[t * num_candidates + int(cand)]).save(path)
+            paths.append(path)
+    Image.fromarray(ranked_grid(images, rankings)).save(out / "grid.png")
+    (out / "ranking.json").write_text(json.dumps({"signal": signal, "num_candidates": num_candidates,
+                                                  "keep": keep, "texts": [r.to_dict() for r in rankings]},
+                                                 ensure_ascii=False, indent=1), encoding="utf-8")
     return paths
