@@ -51,6 +51,10 @@ class DataConfig:
     max_text_len: int = 32
     vocab_file: str = ""  # WordPiece vocab.txt (built by tools/build_vocab.py)
     tokenizer_ckpt: str = ""  # checkpoint folder of the image tokenizer
+    # vilg training batches stream from token shards (models/module.py StreamBatches): the rows
+    # form this many fixed partitions, so W ranks (W dividing it) consume the rows of one process
+    stream_partitions: int = 4
+    shuffle_buffer: int = 1024  # rows in each partition's shuffle buffer (memory: owned partitions x this)
 
 
 @dataclass
@@ -220,6 +224,8 @@ class DVAEConfig:
     kl_weight_end: float = 6.6
     kl_warmup_steps: int = 5000  # cosine ramp of the KL weight
     straight_through: bool = False  # hard one-hot forward, soft gradient
+    init_logit_std: float = 0.0  # > 0: data-dependent init of the dVAE's logits (nearest-centre
+    # ranking with this std over codes; DVAE.init_logits_from_data); 0 = DALL-E's random init
 
 
 @dataclass
@@ -232,6 +238,27 @@ class E2EConfig:
     rec_loss: str = "mse"  # "mse" | "l1", on images in [-1, 1]
     mlp_hidden: int = 0  # hidden width of the hidden-state -> z_emb MLP (0 = Model.hidden_size)
     init_from_tokenizer: bool = True  # reconstructor starts as a copy of the tokenizer's decoder
+
+
+@dataclass
+class VQAConfig:
+    """Generative VQA fine-tuning (paper sec. 4.4, `Global.stage: vqa`, docs/vqa.md)."""
+
+    init_from: str = ""  # vilg checkpoint to start from (text rows matched by token); "" = from scratch
+    max_question_len: int = 32  # ids kept of `[CLS] question [SEP]` (the source text prefix)
+    max_answer_len: int = 16  # ids kept of `answer [SEP]`; also the decoding budget
+
+
+@dataclass
+class FinetuneConfig:
+    """Caption fine-tuning from a pre-trained vilg checkpoint (paper sec. 4.3,
+    `Global.stage: caption_finetune`, docs/finetune.md)."""
+
+    init_from: str = ""  # vilg checkpoint (step or run folder): weights only, fresh optimizer; required
+    directions: str = "img2txt"  # "img2txt" (caption loss only) | "both" (+ text-to-image, Eq. 3)
+    eval_items: int = 0  # validation items captioned and scored (0 = the whole split)
+    best_metric: str = "caption_CIDEr"  # validation metric whose maximum is kept in OUTPUT/best
+    with_meteor: bool = False  # METEOR needs Java (metrics/caption.py); off keeps validation light
 
 
 @dataclass
@@ -248,6 +275,8 @@ class Config:
     VQGAN: VQGANConfig = field(default_factory=VQGANConfig)
     DVAE: DVAEConfig = field(default_factory=DVAEConfig)
     E2E: E2EConfig = field(default_factory=E2EConfig)
+    VQA: VQAConfig = field(default_factory=VQAConfig)
+    Finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -9,6 +9,7 @@ built, so the config the Trainer saves is complete.
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import shutil
@@ -29,6 +30,7 @@ log = logging.getLogger(__name__)
 VOCAB_FILE = "vocab.txt"
 TOKENIZER_DIR = "image_tokenizer"  # copy of the image tokenizer checkpoint inside a vilg checkpoint
 EXTRAS_FILE = "vilg.json"
+TEXT_CACHE_SIZE = 200_000  # encoded texts kept by StreamBatches (small corpora fit whole)
 
 
 def resolve_model_sizes(cfg: Config, text_vocab_size: int, grid: int, codebook_size: int) -> None:
@@ -46,7 +48,8 @@ def resolve_model_sizes(cfg: Config, text_vocab_size: int, grid: int, codebook_s
 
 
 class ShardBatches:
-    """Endless, seeded, resumable batches of (text ids, image ids) from token shards.
+    """Endless, seeded, resumable batches of (text ids, image ids) from token shards held in memory
+    (random access): validation here, and the VQA / end-to-end stages' training batches.
 
     Texts are cut to `max_tokens` ids and padded to the longest text of the batch (padding is
     compute a CPU cannot spare; the model takes any text length up to Model.max_text_len).
@@ -99,11 +102,106 @@ class ShardBatches:
                    "image_ids": paddle.to_tensor(np.stack(images).astype(np.int64))}  # [B, h, w]
 
 
+class StreamBatches:
+    """Endless, seeded, exactly resumable training batches of (text ids, image ids), streamed from
+    a token shard folder in constant memory (`data.streaming.StreamingTokenLoader`).
+
+    The rows are split into `partitions` fixed partitions (the loader's rank-disjoint split with
+    world size = partitions: whole shards when there are enough, else rows by index), each a
+    seeded stream with its own shuffle buffer. Data rank r of W owns the partitions p with
+    p % W == r and takes an equal share of its batch from each. Since the partitions do not depend
+    on W, W ranks with batch b together consume exactly the rows of one process with batch W * b:
+    a run's data does not change with the number of processes (when W divides `partitions`).
+    Each partition runs its own epochs; partitions of unequal size (shards mode with a shard count
+    that is not a multiple of `partitions`) cycle at different rates, so their rows are seen
+    slightly more or less often (tokenize_images.py writes equal shards: the difference is at most
+    one shard per partition).
+
+    As `ShardBatches`: one of an item's reference texts per visit, seeded by (seed, epoch, row)
+    (paraphrases as augmentation); texts cut to `max_tokens` ids and padded to the batch's longest
+    (padding is compute a CPU cannot spare). The state holds each owned partition's loader state.
+    """
+
+    def __init__(self, path: str | Path, text_tokenizer: Any, batch_size: int, max_tokens: int, seed: int,
+                 rank: int = 0, world_size: int = 1, partitions: int = 4, buffer_size: int = 1024) -> None:
+        from ernie_vilg.data.streaming import StreamingTokenLoader
+
+        if partitions < 1 or buffer_size < 1:
+            raise ConfigError(f"Data.stream_partitions={partitions} / Data.shuffle_buffer={buffer_size}: need >= 1")
+        if partitions % world_size:
+            # every rank needs a partition; rounding up keeps the split disjoint, but the data
+            # order then differs from runs with another number of processes
+            rounded = -(-partitions // world_size) * world_size
+            log.warning("Data.stream_partitions=%d is not a multiple of %d data ranks: using %d",
+                        partitions, world_size, rounded)
+            partitions = rounded
+        self.tok, self.max_tokens = text_tokenizer, max_tokens
+        self.partitions, self.rank, self.world_size = partitions, rank, world_size
+        self.owned = [p for p in range(partitions) if p % world_size == rank]
+        if batch_size < len(self.owned):
+            raise ConfigError(f"Data.batch_size={batch_size} is smaller than the {len(self.owned)} stream "
+                              f"partitions of a rank (lower Data.stream_partitions)")
+        # an equal share per partition; the first `batch_size % n` partitions take one more row
+        n = len(self.owned)
+        self.shares = [batch_size // n + (i < batch_size % n) for i in range(n)]
+        # max_open_shards=2: buffered rows are copies, so a partition needs the shard it reads (+1)
+        self.loaders = [StreamingTokenLoader(path, 1, seed=seed, rank=p, world_size=partitions,
+                                             buffer_size=buffer_size, random_text=True, max_open_shards=2)
+                        for p in self.owned]
+        self._encoded: dict[str, list[int]] = {}
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """Bad records skipped so far, summed over this rank's partitions."""
+        out: dict[str, int] = {}
+        for loader in self.loaders:
+            for key, value in loader.stats.items():
+                out[key] = out.get(key, 0) + value
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"partitions": self.partitions, "owned": list(self.owned),
+                "loaders": [loader.state_dict() for loader in self.loaders]}
+
+    def set_state_dict(self, state: dict[str, Any]) -> None:
+        saved = dict(zip((int(p) for p in state.get("owned", [])), state.get("loaders", [])))
+        if int(state.get("partitions", -1)) != self.partitions:
+            log.warning("data stream had %s partitions, now %d: starting the streams afresh",
+                        state.get("partitions"), self.partitions)
+            saved = {}
+        for p, loader in zip(self.owned, self.loaders):
+            if p in saved:
+                loader.set_state_dict(saved[p])
+            else:  # another world size saved this state: this partition was another rank's
+                log.warning("no saved position for stream partition %d: it starts from its beginning", p)
+
+    def _text_ids(self, text: str) -> list[int]:
+        if text not in self._encoded:  # tokenising is slow next to a tiny model's step
+            if len(self._encoded) >= TEXT_CACHE_SIZE:  # bounded: a streamed corpus has no end of texts
+                self._encoded.clear()
+            self._encoded[text] = self.tok.encode(text, self.max_tokens)
+        return self._encoded[text]
+
+    def __iter__(self) -> Iterator[dict[str, paddle.Tensor]]:
+        # generators created here, so a restored state takes effect at the next iter()
+        streams = [loader.samples() for loader in self.loaders]
+        while True:
+            texts, images = [], []
+            for stream, share in zip(streams, self.shares):
+                for _ in range(share):
+                    sample = next(stream)
+                    texts.append(self._text_ids(sample["text"]))
+                    images.append(sample["image_ids"])
+            width = max(len(t) for t in texts)
+            yield {"text_ids": paddle.to_tensor(pad_ids(texts, width, self.tok.pad_id)),  # [B, L]
+                   "image_ids": paddle.to_tensor(np.stack(images).astype(np.int64))}  # [B, h, w]
+
+
 class VilgTrainModule:
     name = "vilg"
 
     def __init__(self, cfg: Config) -> None:
-        from ernie_vilg.data.token_shards import TokenShards
+        from ernie_vilg.data.token_shards import TokenShards, read_shard_info
         from ernie_vilg.text.tokenizer import TextTokenizer
 
         self.cfg = cfg
@@ -112,15 +210,24 @@ class VilgTrainModule:
         if not cfg.Data.train_shards:
             raise ConfigError("Data.train_shards is empty (write shards with tools/tokenize_images.py)")
         self.text_tokenizer = TextTokenizer(cfg.Data.vocab_file)
-        self.train_shards = TokenShards(cfg.Data.train_shards)
+        # the training rows are streamed (train_batches); only their info.json is read here
+        info = read_shard_info(cfg.Data.train_shards)
         self.val_shards = TokenShards(cfg.Data.val_shards) if cfg.Data.val_shards else None
         if not cfg.Data.tokenizer_ckpt:
-            cfg.Data.tokenizer_ckpt = str(self.train_shards.info.get("tokenizer_ckpt", ""))
-        resolve_model_sizes(cfg, self.text_tokenizer.vocab_size, self.train_shards.grid,
-                            self.train_shards.codebook_size)
+            cfg.Data.tokenizer_ckpt = str(info.get("tokenizer_ckpt", ""))
+        resolve_model_sizes(cfg, self.text_tokenizer.vocab_size, int(info["grid"]), int(info["codebook_size"]))
         self.criterion = VilgCriterion(self.text_tokenizer.pad_id)
         self._image_tokenizer: Any = None
         self._tokenizer_missing = False
+
+    @functools.cached_property
+    def train_shards(self) -> Any:
+        """Every training row in memory (random access), loaded on first use: the stages whose
+        batches are `ShardBatches` (end-to-end) need it; the vilg stage streams its rows.
+        (A cached_property, so subclasses may still assign the attribute.)"""
+        from ernie_vilg.data.token_shards import TokenShards
+
+        return TokenShards(self.cfg.Data.train_shards)
 
     # ---------------------------------------------------------------- TrainModule
     def build_model(self) -> ErnieViLG:
@@ -128,9 +235,10 @@ class VilgTrainModule:
         dist = self.cfg.Distributed
         return ErnieViLG(self.cfg.Model, recompute=dist.recompute, recompute_every_k=dist.recompute_every_k)
 
-    def train_batches(self, rank: int, world_size: int) -> ShardBatches:
-        return ShardBatches(self.train_shards, self.text_tokenizer, self.cfg.Data.batch_size,
-                            self.cfg.Data.max_text_len, self.cfg.Global.seed, rank, world_size)
+    def train_batches(self, rank: int, world_size: int) -> StreamBatches:
+        d = self.cfg.Data
+        return StreamBatches(d.train_shards, self.text_tokenizer, d.batch_size, d.max_text_len, self.cfg.Global.seed,
+                             rank, world_size, d.stream_partitions, d.shuffle_buffer)
 
     def losses(self, model: ErnieViLG, batch: dict[str, paddle.Tensor]):
         text_ids, image_ids = batch["text_ids"], batch["image_ids"]

@@ -26,6 +26,8 @@ class ResumableBatches(Protocol):
 
 class TrainModule(Protocol):
     name: str  # e.g. "vq", "vilg"
+    # Optional, duck-typed (not a member, so stages without it still match): `best_metric`, the
+    # name of a `validate` metric to maximise; the Trainer then keeps the best weights in OUTPUT/best.
 
     def build_model(self) -> paddle.nn.Layer:
         """Create the trainable model (weights initialised from cfg.Global.seed)."""
@@ -66,6 +68,14 @@ def module_for(cfg: Config) -> TrainModule:
         from ernie_vilg.vq.dvae_module import DVAETrainModule
 
         return DVAETrainModule(cfg)
+    if stage == "vqa":
+        from ernie_vilg.models.vqa_module import VqaTrainModule
+
+        return VqaTrainModule(cfg)
+    if stage == "caption_finetune":
+        from ernie_vilg.models.finetune_module import CaptionFinetuneModule
+
+        return CaptionFinetuneModule(cfg)
     if stage == "vilg_e2e":
         from ernie_vilg.models.e2e_module import E2ETrainModule
 
@@ -73,4 +83,4 @@ def module_for(cfg: Config) -> TrainModule:
     from ernie_vilg.config import ConfigError
 
     raise ConfigError(f"Global.stage: unknown stage {stage!r} "
-                      "(known: vq, vqgan, dvae, vilg, vilg_e2e, reranker)")
+                      "(known: vq, vqgan, dvae, vilg, vilg_e2e, vqa, caption_finetune, reranker)")

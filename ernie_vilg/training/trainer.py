@@ -10,8 +10,11 @@ section drives the rest without forking the loop:
     save() / resume()    each rank its optimizer shard, per-rank data position and RNG
 
 Optional stage hooks (duck-typed, so existing stages need nothing): a `"tokens"` entry in the
-logs of `training_step` (tokens in that micro batch) enables tokens/s, and a
-`flops_per_token() -> float` method enables model FLOP/s.
+logs of `training_step` (tokens in that micro batch) enables tokens/s, a
+`flops_per_token() -> float` method enables model FLOP/s, and a `best_metric` attribute (the
+name of a `validate` metric to maximise) makes every validation that improves on the best value
+so far write the weights to OUTPUT/best (a checkpoint folder without optimizer state; the metric
+and its value in meta.json; the best value survives resume).
 """
 from __future__ import annotations
 
@@ -42,6 +45,7 @@ from ernie_vilg.training.module import TrainModule
 from ernie_vilg.training.nan_guard import NanGuard
 
 log = logging.getLogger(__name__)
+BEST_DIR = "best"  # OUTPUT/best: the weights of the best validation (next to OUTPUT/checkpoints)
 
 
 def learning_rate(step: int, cfg: Config) -> float:
@@ -140,6 +144,8 @@ class Trainer:
         self.skipped_steps = 0
         self.nan_guard = NanGuard(max_consecutive=cfg.Train.max_consecutive_skips)
         self.history: list[dict[str, Any]] = []
+        self.best_metric: Optional[str] = getattr(module, "best_metric", None) or None
+        self.best_value: Optional[float] = None
         self.metrics = MetricsLogger(self.out, enabled=self.rank == 0)
         self.model = module.build_model()
         self.inner = self.model  # the user's layer, never a wrapper (checkpoint keys, extras)
@@ -212,6 +218,8 @@ class Trainer:
         }
         if self.scaler is not None and hasattr(self.scaler, "state_dict"):
             state["scaler"] = self.scaler.state_dict()
+        if self.best_value is not None:
+            state["best"] = {"metric": self.best_metric, "value": self.best_value}
         return state
 
     def _structured_optimizer_state(self) -> dict[str, Any]:
@@ -298,6 +306,9 @@ class Trainer:
         self.step = int(state["step"])
         self.skipped_steps = int(state.get("skipped_steps", 0))
         self.nan_guard.set_state_dict(state.get("nan_guard", {}))
+        best = state.get("best")
+        if best and best.get("metric") == self.best_metric:  # a changed metric starts a new best
+            self.best_value = float(best["value"])
         self.batches.set_state_dict(rank_state["data"])
         if self.scaler is not None and "scaler" in state and hasattr(self.scaler, "load_state_dict"):
             self.scaler.load_state_dict(state["scaler"])
@@ -321,7 +332,30 @@ class Trainer:
         if self.rank == 0:
             tqdm.write(f"[val step {self.step}] " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items()
                                                              if isinstance(v, (int, float))))
+        self._keep_best(metrics)
         return metrics
+
+    def _keep_best(self, metrics: dict[str, float]) -> None:
+        """Write OUTPUT/best when `metrics[best_metric]` beats the best value so far (every rank
+        computes the same validation, so all ranks agree; under stage 3 gathering is collective)."""
+        key = self.best_metric
+        if not key or not isinstance(metrics.get(key), (int, float)) or not math.isfinite(metrics[key]):
+            return
+        value = float(metrics[key])
+        if self.best_value is not None and value <= self.best_value:
+            return
+        self.best_value = value
+        topo = self.parallel.topo
+        sliced = topo.distributed and topo.sharding_stage == 3 and topo.sharded
+        model_state = self.parallel.full_model_state(self.model) if sliced else self.inner.state_dict()
+        if self.rank == 0:
+            # weights, config and stage extras only: `--ckpt OUTPUT/best` loads it like any checkpoint
+            path = save_checkpoint(self.out, self.step, self.cfg, model_state,
+                                   meta={**self._meta(), "best_metric": key, "best_value": value},
+                                   extras=lambda d: self.module.save_extras(self.inner, d), name=BEST_DIR)
+            log.info("new best %s=%.4g at step %d: %s", key, value, self.step, path)
+        if topo.distributed:
+            self.parallel.barrier()
 
     def _write_memory_report(self) -> None:
         folder = self.out / "memory"
