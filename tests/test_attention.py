@@ -73,3 +73,61 @@ def test_sparse_attention_ignores_keys_outside_the_pattern(direction) -> None:
     out2 = blk(x2, layout).numpy()
     rows_0_1 = slice(layout.image_start, layout.image_start + 6)
     np.testing.assert_allclose(out1[:, rows_0_1], out2[:, rows_0_1], atol=1e-6)
+
+
+# ------------------------------------------------------------------------------ VQA text prefix
+def run_prefixed(layer: SelfAttention, x: np.ndarray, layout: StreamLayout, grad_out: np.ndarray,
+                 prefix: np.ndarray | None):
+    xt = paddle.to_tensor(x, stop_gradient=False)
+    out = layer(xt, layout, None, prefix)
+    (out * paddle.to_tensor(grad_out)).sum().backward()
+    grads = [xt.grad.numpy()] + [p.grad.numpy() for p in layer.parameters()]
+    layer.clear_gradients()
+    return out.numpy(), grads
+
+
+@pytest.mark.parametrize("kind", [LayerKind.ROW, LayerKind.COLUMN, LayerKind.CONV])
+@pytest.mark.parametrize("text_len,h,w,kernel", [c for c in CASES if c[0] >= 4])
+def test_blockwise_equals_reference_with_a_per_sample_text_prefix(kind, text_len, h, w, kernel) -> None:
+    """Image-to-text with a question prefix (VQA): per-sample prefixes 0 .. L, whole stream and the
+    image + common-prefix segment that decoding prefills; outputs and gradients < 1e-5."""
+    layout = StreamLayout(Direction.IMG2TXT, text_len, h, w, kernel)
+    ref, blk = make_pair(kind, kernel)
+    rng = np.random.default_rng(7 * text_len + h)
+    n = layout.num_image
+    prefixes = np.array([0, 1, 2, text_len - 1, text_len], dtype=np.int64)
+    cases = [(layout.total, prefixes), (n + 3, np.full(2, 3, dtype=np.int64))]
+    for T, prefix in cases:
+        x = rng.standard_normal((len(prefix), T, D)).astype("float32")
+        g = rng.standard_normal((len(prefix), T, D)).astype("float32")
+        out_ref, grads_ref = run_prefixed(ref, x, layout, g, prefix)
+        out_blk, grads_blk = run_prefixed(blk, x, layout, g, prefix)
+        np.testing.assert_allclose(out_blk, out_ref, atol=1e-5, rtol=0)
+        for a, b in zip(grads_blk, grads_ref):
+            # parameter gradients sum ~200 rows (values up to ~10): allow float32 summation order
+            np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-6)
+
+
+@pytest.mark.parametrize("impl", ["dense", "sparse_reference", "sparse_blockwise"])
+def test_prefix_zero_is_captioning(impl) -> None:
+    """Prefix 0 (and 1: only [CLS]) gives exactly the captioning output, in all three cores."""
+    layout = StreamLayout(Direction.IMG2TXT, 5, 3, 3, 3)
+    paddle.seed(1)
+    layer = SelfAttention(D, HEADS, LayerKind.CONV if impl != "dense" else LayerKind.DENSE, impl, 3, -1e4,
+                          0.0, 0.2, 0.2)
+    x = paddle.randn([2, layout.total, D])
+    plain = layer(x, layout).numpy()
+    for p in (0, 1):
+        np.testing.assert_allclose(layer(x, layout, None, np.full(2, p)).numpy(), plain, atol=1e-6, rtol=0)
+    opened = layer(x, layout, None, np.full(2, 4)).numpy()
+    n = layout.num_image
+    np.testing.assert_allclose(opened[:, :n], plain[:, :n], atol=1e-6)  # image rows never see text
+    assert np.abs(opened[:, n:n + 3] - plain[:, n:n + 3]).max() > 1e-4  # question rows now see ahead
+    np.testing.assert_allclose(opened[:, n + 4:], plain[:, n + 4:], atol=1e-6)  # answer row after prefix
+
+
+def test_prefix_is_rejected_in_text_to_image() -> None:
+    layout = StreamLayout(Direction.TXT2IMG, 3, 2, 2, 3)
+    _, blk = make_pair(LayerKind.ROW, 3)
+    with pytest.raises(ValueError, match="image-to-text"):
+        blk(paddle.zeros([1, layout.total, D]), layout, None, np.array([2]))

@@ -137,3 +137,59 @@ def test_conv_halo_tiles_cover_exactly_the_conv_window(h, w, k, tile, causal):
         square = query_slot[q] // (slot_query.size // (halo.size // keys_per_square))
         got = set(halo.reshape(-1, keys_per_square)[square][valid[q]].tolist())
         assert got == set(index[q][want_valid[q]].tolist()), q
+
+
+# ------------------------------------------------------------------------------ VQA text prefix
+@pytest.mark.parametrize("kind", list(LayerKind))
+@pytest.mark.parametrize("prefix", [0, 1, 3, L])
+def test_vqa_prefix_mask_written_by_hand(kind: LayerKind, prefix: int) -> None:
+    """Fig. 2b layout with the first `prefix` text positions as source ([CLS] question [SEP])."""
+    hand = hand_stream_mask(Direction.IMG2TXT, kind)
+    for j in range(L):  # question rows see the whole question; answer rows the question + their past
+        for i in range(L):
+            hand[N + j, N + i] = i <= j or i < prefix
+    layout = StreamLayout(Direction.IMG2TXT, L, H, W, K)
+    np.testing.assert_array_equal(stream_mask(layout, kind, prefix), hand)
+
+
+def test_vqa_prefix_rules() -> None:
+    """Source (image + question) never sees the answer; the image never sees text; the answer sees
+    every source token; prefix 0 and 1 are captioning."""
+    layout = StreamLayout(Direction.IMG2TXT, L, H, W, K)
+    caption = stream_mask(layout, LayerKind.ROW)
+    for p in (0, 1):
+        np.testing.assert_array_equal(stream_mask(layout, LayerKind.ROW, p), caption)
+    P = 4
+    mask = stream_mask(layout, LayerKind.ROW, P)
+    src = N + P
+    assert not mask[:src, src:].any()  # source -> target: nothing
+    assert not mask[:N, N:].any()  # image -> text: nothing
+    assert mask[N:src, :src].all()  # question -> image and whole question
+    assert mask[src:, :src].all()  # answer -> every source token
+    np.testing.assert_array_equal(mask[src:, src:], np.tril(np.ones((L - P, L - P), dtype=bool)))
+
+
+def test_text_rows_and_batched_masks_agree_with_the_stream_mask() -> None:
+    from ernie_vilg.models.sparse_masks import batch_stream_masks, text_rows_mask
+
+    layout = StreamLayout(Direction.IMG2TXT, L, H, W, K)
+    prefixes = np.array([0, 2, 5])
+    rows = text_rows_mask(N, L, prefixes)
+    batch = batch_stream_masks(layout, LayerKind.CONV, prefixes)
+    for b, p in enumerate(prefixes):
+        full = stream_mask(layout, LayerKind.CONV, int(p))
+        np.testing.assert_array_equal(rows[b], full[N:])
+        np.testing.assert_array_equal(batch[b], full)
+    np.testing.assert_array_equal(text_rows_mask(N, L), stream_mask(layout, LayerKind.ROW)[N:])
+    with pytest.raises(ValueError, match="image-to-text"):
+        stream_mask(StreamLayout(Direction.TXT2IMG, L, H, W, K), LayerKind.ROW, 2)
+
+
+@pytest.mark.parametrize("kind", list(LayerKind))
+def test_visible_keys_of_answer_tokens_are_the_prefix_mask_rows(kind: LayerKind) -> None:
+    """Decoding steps after a prefilled question read exactly the prefix mask's rows."""
+    layout = StreamLayout(Direction.IMG2TXT, L, H, W, K)
+    P = 3
+    mask = stream_mask(layout, kind, P)
+    for q in range(N + P, layout.total):
+        np.testing.assert_array_equal(visible_keys(layout, kind, q), np.flatnonzero(mask[q]))

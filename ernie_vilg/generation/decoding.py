@@ -10,6 +10,12 @@ A stepper encodes the source and then feeds one target token at a time:
 Text-to-image: `generate_image_tokens` (greedy, or temperature / top-k / top-p sampling, seeded,
 `num_candidates` per text). Image-to-text: `generate_text_tokens` (greedy, sampling, beam search
 with a length penalty). Text follows the [CLS] .. [SEP] convention of `models/transformer.py`.
+
+Generative VQA (`generate_answer_tokens`, `beam_search_answer_tokens`) is image-to-text with a
+prompt: the source is the image + `[CLS] question [SEP]` (one prefill; the question is
+bidirectional), then answer tokens are decoded one by one up to [SEP]. Every question of one call
+has the same length P (callers group questions by length; padding inside the question would be a
+token the model never saw there in training).
 """
 from __future__ import annotations
 
@@ -25,8 +31,9 @@ from ernie_vilg.models.transformer import ErnieViLG
 
 
 class Stepper(Protocol):
-    def start(self, source_ids: np.ndarray) -> np.ndarray:
-        """Encode the source [B, S]; logits of the first target token [B, V]."""
+    def start(self, source_ids: np.ndarray, prompt_ids: Optional[np.ndarray] = None) -> np.ndarray:
+        """Encode the source [B, S] (+ an image-to-text prompt [B, P]); logits of the first target
+        token [B, V] (with a prompt: of the token after it)."""
 
     def step(self, token_ids: np.ndarray) -> np.ndarray:
         """Append one target token per row [B]; logits of the next one [B, V]."""
@@ -44,11 +51,12 @@ class CachedStepper:
         self.cache = None
 
     @paddle.no_grad()
-    def start(self, source_ids: np.ndarray) -> np.ndarray:
+    def start(self, source_ids: np.ndarray, prompt_ids: Optional[np.ndarray] = None) -> np.ndarray:
         src = paddle.to_tensor(np.asarray(source_ids, dtype=np.int64))
         text_len = src.shape[1] if self.direction is Direction.TXT2IMG else self.text_len
         self.cache = self.model.new_cache(self.direction, src.shape[0], text_len)
-        return self.model.prefill(src, self.cache).astype("float32").numpy()
+        prompt = None if prompt_ids is None else paddle.to_tensor(np.asarray(prompt_ids, dtype=np.int64))
+        return self.model.prefill(src, self.cache, prompt).astype("float32").numpy()
 
     @paddle.no_grad()
     def step(self, token_ids: np.ndarray) -> np.ndarray:
@@ -72,17 +80,26 @@ class FullStepper:
         else:
             text, image = self.target, self.source
         with paddle.no_grad():
-            logits = self.model(paddle.to_tensor(text), paddle.to_tensor(image), self.direction)
+            logits = self.model(paddle.to_tensor(text), paddle.to_tensor(image), self.direction, self.prefix)
         return logits.astype("float32").numpy()
 
-    def start(self, source_ids: np.ndarray) -> np.ndarray:
+    def start(self, source_ids: np.ndarray, prompt_ids: Optional[np.ndarray] = None) -> np.ndarray:
         self.source = np.asarray(source_ids, dtype=np.int64).reshape(len(source_ids), -1)
         B = self.source.shape[0]
+        self.prefix = None
         if self.direction is Direction.TXT2IMG:  # placeholders for image tokens not generated yet
             self.target = np.zeros((B, self.num_image), dtype=np.int64)
         else:
             self.target = np.full((B, self.text_len), self.pad_id, dtype=np.int64)
         self.length = 0
+        if prompt_ids is not None:  # VQA: the question is source text, the answer follows it
+            prompt = np.asarray(prompt_ids, dtype=np.int64)
+            if self.direction is Direction.TXT2IMG or prompt.shape[1] >= self.text_len:
+                raise ValueError("a prompt needs the image-to-text direction and room for an answer")
+            self.target[:, :prompt.shape[1]] = prompt
+            self.length = prompt.shape[1]
+            self.prefix = np.full(B, self.length, dtype=np.int64)
+            return self._run()[:, self.length - 1]  # row j predicts text position j + 1
         if self.direction is Direction.TXT2IMG:
             return self._run()[:, 0]
         return np.zeros((B, self.model.cfg.text_vocab_size), dtype=np.float32)  # [CLS] is given
@@ -96,6 +113,8 @@ class FullStepper:
 
     def reorder(self, index: np.ndarray) -> None:
         self.source, self.target = self.source[index], self.target[index]
+        if self.prefix is not None:
+            self.prefix = self.prefix[index]
 
 
 def make_stepper(model: ErnieViLG, direction: Direction, use_cache: bool, pad_id: int = 0,
@@ -145,47 +164,72 @@ class TextSpecials:
     pad_id: int  # [PAD]
 
 
+def _start_text(model: ErnieViLG, image_ids: np.ndarray, specials: TextSpecials, use_cache: bool,
+                max_new_tokens: Optional[int], prompt_ids: Optional[np.ndarray]) -> tuple[Stepper, np.ndarray, int]:
+    """Encode the image (+ prompt) -> (stepper, logits of the first generated token, max new tokens).
+
+    Without a prompt the first generated token follows [CLS], which is fed as the first step.
+    """
+    B = len(image_ids)
+    images = np.asarray(image_ids, dtype=np.int64).reshape(B, -1)
+    if prompt_ids is None:
+        max_new = _max_new_tokens(model, max_new_tokens)
+        # text positions: [CLS] + the tokens fed back + the last one (predicted, never fed)
+        stepper = make_stepper(model, Direction.IMG2TXT, use_cache, specials.pad_id, max_new + 1)
+        stepper.start(images)
+        return stepper, stepper.step(np.full(B, specials.bos_id, dtype=np.int64)), max_new
+    prompt = np.asarray(prompt_ids, dtype=np.int64).reshape(B, -1)
+    P = prompt.shape[1]
+    max_new = _max_new_tokens(model, max_new_tokens, used=P)
+    # text positions: the prompt + the answer tokens fed back + the last one (never fed)
+    stepper = make_stepper(model, Direction.IMG2TXT, use_cache, specials.pad_id, P + max_new)
+    return stepper, stepper.start(images, prompt), max_new
+
+
 def generate_text_tokens(model: ErnieViLG, image_ids: np.ndarray, specials: TextSpecials,
                          params: SamplingParams, max_new_tokens: Optional[int] = None, seed: int = 0,
-                         use_cache: bool = True) -> list[list[int]]:
-    """Greedy or sampled captions for image grids [B, h, w]: token ids without [CLS] / [SEP]."""
-    max_new = _max_new_tokens(model, max_new_tokens)
+                         use_cache: bool = True, prompt_ids: Optional[np.ndarray] = None) -> list[list[int]]:
+    """Greedy or sampled captions for image grids [B, h, w]: token ids without [CLS] / [SEP].
+
+    With `prompt_ids` [B, P] (`[CLS] question [SEP]`, one length P for the batch) the text
+    continues the prompt: the generated answer, without the prompt and without [SEP].
+    """
     B = len(image_ids)
     rng = np.random.default_rng(seed)
-    # text positions: [CLS] + the tokens fed back + the last one (predicted, never fed)
-    stepper = make_stepper(model, Direction.IMG2TXT, use_cache, specials.pad_id, max_new + 1)
-    stepper.start(np.asarray(image_ids, dtype=np.int64).reshape(B, -1))
-    tokens = np.full(B, specials.bos_id, dtype=np.int64)
+    stepper, logits, max_new = _start_text(model, image_ids, specials, use_cache, max_new_tokens, prompt_ids)
     seqs: list[list[int]] = [[] for _ in range(B)]
     done = np.zeros(B, dtype=bool)
     for t in range(max_new):
-        tokens = params.choose(stepper.step(tokens), rng)
+        tokens = params.choose(logits, rng)
         tokens = np.where(done, specials.pad_id, tokens)  # finished rows keep running on padding
         for b in np.flatnonzero(~done):
             if tokens[b] == specials.eos_id:
                 done[b] = True
             else:
                 seqs[b].append(int(tokens[b]))
-        if done.all():
+        if done.all() or t + 1 == max_new:
             break
+        logits = stepper.step(tokens)
     return seqs
 
 
 def beam_search_text_tokens(model: ErnieViLG, image_ids: np.ndarray, specials: TextSpecials, beam_size: int,
                             length_penalty: float = 1.0, max_new_tokens: Optional[int] = None,
-                            use_cache: bool = True) -> list[list[int]]:
+                            use_cache: bool = True, prompt_ids: Optional[np.ndarray] = None) -> list[list[int]]:
     """Beam search captions for image grids [B, h, w] (ids without [CLS] / [SEP]).
 
     A hypothesis' score is its summed log-probability / (length ** length_penalty), the length
     counting [SEP]. An image is finished once it holds `beam_size` ended hypotheses and no live
     beam scores better at the current length; unfinished beams are scored as they stand at the end.
+    `prompt_ids` [B, P]: as in `generate_text_tokens` (VQA answers).
     """
-    K, max_new = beam_size, _max_new_tokens(model, max_new_tokens)
+    K = beam_size
     B = len(image_ids)
-    stepper = make_stepper(model, Direction.IMG2TXT, use_cache, specials.pad_id, max_new + 1)
     # rows b * K + k: beam k of image b
-    stepper.start(np.repeat(np.asarray(image_ids, dtype=np.int64).reshape(B, -1), K, axis=0))
-    tokens = np.full(B * K, specials.bos_id, dtype=np.int64)
+    images = np.repeat(np.asarray(image_ids, dtype=np.int64).reshape(B, -1), K, axis=0)
+    prompt = None if prompt_ids is None else np.repeat(np.asarray(prompt_ids, dtype=np.int64).reshape(B, -1), K,
+                                                       axis=0)
+    stepper, logits, max_new = _start_text(model, images, specials, use_cache, max_new_tokens, prompt)
     scores = np.full((B, K), -np.inf)
     scores[:, 0] = 0.0  # all beams start identical: expand only the first
     seqs: list[list[list[int]]] = [[[] for _ in range(K)] for _ in range(B)]
@@ -193,7 +237,7 @@ def beam_search_text_tokens(model: ErnieViLG, image_ids: np.ndarray, specials: T
     done = np.zeros(B, dtype=bool)
     norm = lambda total, length: total / (length ** length_penalty)  # noqa: E731
     for t in range(max_new):
-        logp = log_softmax(stepper.step(tokens)).reshape(B, K, -1)  # [B, K, V]
+        logp = log_softmax(logits).reshape(B, K, -1)  # [B, K, V]
         V = logp.shape[-1]
         cand = (scores[:, :, None] + logp).reshape(B, K * V)  # [B, K*V]
         top = np.argsort(-cand, axis=-1)[:, : 2 * K]
@@ -224,6 +268,8 @@ def beam_search_text_tokens(model: ErnieViLG, image_ids: np.ndarray, specials: T
             break
         stepper.reorder(src.reshape(-1))
         tokens, scores, seqs = new_tokens.reshape(-1), new_scores, new_seqs
+        if t + 1 < max_new:  # the last step's logits would never be read
+            logits = stepper.step(tokens)
     results = []
     for b in range(B):
         pool = list(finished[b])
@@ -234,7 +280,29 @@ def beam_search_text_tokens(model: ErnieViLG, image_ids: np.ndarray, specials: T
     return results
 
 
-def _max_new_tokens(model: ErnieViLG, requested: Optional[int]) -> int:
-    """Text positions after [CLS]: at most max_text_len - 1 tokens (including [SEP])."""
-    limit = model.cfg.max_text_len - 1
+def _max_new_tokens(model: ErnieViLG, requested: Optional[int], used: int = 1) -> int:
+    """Text positions after the `used` given ones ([CLS], or a VQA prompt): at most
+    max_text_len - used tokens (including [SEP])."""
+    limit = model.cfg.max_text_len - used
+    if limit < 1:
+        raise ValueError(f"a prompt of {used} text ids leaves no room for an answer "
+                         f"(Model.max_text_len={model.cfg.max_text_len})")
     return limit if requested is None or requested <= 0 else min(requested, limit)
+
+
+def generate_answer_tokens(model: ErnieViLG, image_ids: np.ndarray, question_ids: np.ndarray,
+                           specials: TextSpecials, params: SamplingParams = SamplingParams(),
+                           max_new_tokens: Optional[int] = None, seed: int = 0, use_cache: bool = True
+                           ) -> list[list[int]]:
+    """Generative VQA: answers (ids without [SEP]) for images [B, h, w] and questions [B, P]
+    (`[CLS] question [SEP]`, one length P)."""
+    return generate_text_tokens(model, image_ids, specials, params, max_new_tokens, seed, use_cache,
+                                prompt_ids=question_ids)
+
+
+def beam_search_answer_tokens(model: ErnieViLG, image_ids: np.ndarray, question_ids: np.ndarray,
+                              specials: TextSpecials, beam_size: int, length_penalty: float = 1.0,
+                              max_new_tokens: Optional[int] = None, use_cache: bool = True) -> list[list[int]]:
+    """Beam-search answers for images [B, h, w] and questions [B, P] (see `generate_answer_tokens`)."""
+    return beam_search_text_tokens(model, image_ids, specials, beam_size, length_penalty, max_new_tokens,
+                                   use_cache, prompt_ids=question_ids)

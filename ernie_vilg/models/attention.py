@@ -13,6 +13,11 @@ projections, so one set of weights runs under any core (tests check blockwise ==
 A layer is called on a prefix of the stream: either the whole stream (training, uncached
 decoding) or the source segment only (the source never sees the target, so it can be encoded in
 one pass before incremental decoding). `step` attends one new target token to the cache.
+
+`text_prefix` (int64 [B], image-to-text only; None = captioning) makes the first P_b text
+positions of sample b source (generative VQA: `[CLS] question [SEP]`); the source segment is then
+image + question, n + P positions (every sample of a decoding batch has the same P). Only the
+text query rows change (`sparse_masks.text_rows_mask`); image rows keep their pattern.
 """
 from __future__ import annotations
 
@@ -28,9 +33,11 @@ from ernie_vilg.models.sparse_masks import (
     Direction,
     LayerKind,
     StreamLayout,
+    batch_stream_masks,
     causal_square,
     conv_halo_tiles,
     stream_mask,
+    text_rows_mask,
     to_additive,
     visible_keys,
 )
@@ -130,20 +137,31 @@ class _Neighbourhood:
         return paddle.index_select(out, self.query_slot, axis=2)  # back to raster order [B, H, n, D]
 
 
+def check_positions(T: int, layout: StreamLayout, text_prefix: np.ndarray | None) -> None:
+    """A layer runs on the source, the whole stream or (with a text prefix) image + a text prefix."""
+    if T in (layout.source_len, layout.total):
+        return
+    if text_prefix is not None and layout.direction is Direction.IMG2TXT and layout.num_image < T < layout.total:
+        return
+    raise ValueError(f"attention runs on the source ({layout.source_len}) or the whole stream "
+                     f"({layout.total}) positions, got {T}")
+
+
 def blockwise_attention(q: Tensor, k: Tensor, v: Tensor, layout: StreamLayout, kind: LayerKind,
-                        fill_value: float) -> Tensor:
+                        fill_value: float, text_prefix: np.ndarray | None = None) -> Tensor:
     """Sparse attention over a stream prefix (source only, or the whole stream), block by block.
 
-    q is already scaled; q/k/v [B, H, T, D] with T = layout.source_len or layout.total.
+    q is already scaled; q/k/v [B, H, T, D] with T = layout.source_len or layout.total (or, with
+    `text_prefix` [B], image + the first T - n text positions).
     """
     T, L, n = q.shape[2], layout.text_len, layout.num_image
-    if T not in (layout.source_len, layout.total):
-        raise ValueError(f"block-wise attention runs on the source ({layout.source_len}) or the "
-                         f"whole stream ({layout.total}), got {T} positions")
+    check_positions(T, layout, text_prefix)
+    if text_prefix is not None and layout.direction is Direction.TXT2IMG:
+        raise ValueError("a text prefix exists only in the image-to-text stream")
     outs = []
     # split (not slice): the backward of a split is one concat, a slice's is a zero-filled copy each
-    parts = [L, n] if layout.direction is Direction.TXT2IMG else [n, L]
-    if T == layout.total:
+    parts = [L, n] if layout.direction is Direction.TXT2IMG else [n, T - n]
+    if T > layout.source_len:
         (q_a, q_b), (k_a, k_b), (v_a, v_b) = (paddle.split(t, parts, axis=2) for t in (q, k, v))
     else:
         q_a, k_a, v_a = q, k, v
@@ -161,10 +179,13 @@ def blockwise_attention(q: Tensor, k: Tensor, v: Tensor, layout: StreamLayout, k
         q_i, k_i, v_i = q_a, k_a, v_a
         nb = _Neighbourhood(kind, layout, k_i, v_i, causal=False, fill_value=fill_value)
         outs.append(nb.attend(F.softmax(nb.scores(q_i), axis=-1)))  # image: bidirectional, no text
-        if T == layout.total:
-            # text rows: every image key + causal text; the mask is only [L, n + L]
-            allowed = np.concatenate([np.ones((L, n), dtype=bool), causal_square(L)], axis=1)
-            outs.append(_masked_softmax_attend(q_b, k, v, to_additive(allowed, fill_value, q.dtype)))
+        if T > n:
+            # text rows: every image key + causal text (+ the prefix); the mask is only
+            # [Lt, n + Lt], or [B, 1, Lt, n + Lt] with a per-sample prefix
+            additive = to_additive(text_rows_mask(n, T - n, text_prefix), fill_value, q.dtype)
+            if text_prefix is not None:
+                additive = additive.unsqueeze(1)
+            outs.append(_masked_softmax_attend(q_b, k, v, additive))
     return paddle.concat(outs, axis=2) if len(outs) > 1 else outs[0]
 
 
@@ -204,20 +225,26 @@ class SelfAttention(nn.Layer):
             self._mask_cache[layout] = to_additive(stream_mask(layout, self.kind), self.fill_value)
         return self._mask_cache[layout].astype(dtype)
 
-    def forward(self, x: Tensor, layout: StreamLayout, cache: LayerKV | None = None) -> Tensor:
+    def forward(self, x: Tensor, layout: StreamLayout, cache: LayerKV | None = None,
+                text_prefix: np.ndarray | None = None) -> Tensor:
         """x [B, T, d] for stream positions [0, T) (T = source or whole stream) -> [B, T, d].
 
         With a cache, the keys / values of these positions are written into it (prefill).
+        `text_prefix` int64 [B]: source text positions per sample (image-to-text; None = none).
         """
         T = x.shape[1]
         q, k, v = self._heads(x)
         if self.impl == "sparse_blockwise":
-            out = blockwise_attention(q, k, v, layout, self.kind, self.fill_value)
+            out = blockwise_attention(q, k, v, layout, self.kind, self.fill_value, text_prefix)
         else:
-            if T not in (layout.source_len, layout.total):
-                raise ValueError(f"attention runs on the source or the whole stream, got {T} positions")
+            check_positions(T, layout, text_prefix)
             # the source block of the stream mask is its top-left corner (the source comes first)
-            out = _masked_softmax_attend(q, k, v, self._full_mask(layout, q.dtype)[:T, :T])
+            if text_prefix is None:
+                additive = self._full_mask(layout, q.dtype)[:T, :T]
+            else:  # one (L + n)^2 mask per sample: [B, T, T] -> [B, 1, T, T] (broadcast over heads)
+                masks = batch_stream_masks(layout, self.kind, text_prefix)[:, :T, :T]
+                additive = to_additive(masks, self.fill_value, q.dtype).unsqueeze(1)
+            out = _masked_softmax_attend(q, k, v, additive)
         if cache is not None:
             cache.write(0, k, v)
         return self._merge(out)

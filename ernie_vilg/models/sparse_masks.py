@@ -27,6 +27,16 @@ When the image is the target (text-to-image) the neighbourhood is cut to the ras
 the text to its left. `dense` keeps only the UniLM rule (image target: causal over all image
 tokens; image source: all image tokens).
 
+Text prefix (generative VQA, paper sec. 4.4). In image-to-text, a per-sample prefix of P text
+positions (`[CLS] question [SEP]`) may join the source: prefix tokens see every image token and
+every prefix token (bidirectional among themselves), answer tokens see the image, the whole
+prefix and the answers to their left. Image tokens keep their pattern and never see text, so the
+image part of every layer is the same as in captioning; only the [L, L] text block changes, to
+`causal | key < P`. P = 0 (or 1: only [CLS]) is exactly captioning. Because the prefix rule keeps
+the source in the top-left corner of the mask (a prefix token never sees a position >= n + P),
+image + question are encoded in one pass before the answer is decoded, and a decoding step sees
+every earlier position, as in captioning (`visible_keys` is unchanged).
+
 The block-wise implementation (`attention.py`) uses the small pieces below (`causal_square`,
 `conv_neighbours`) and never builds the (L + n)^2 mask; `stream_mask` builds that full mask for
 the reference implementation and for tests. `visible_keys` lists the keys of one query for
@@ -182,6 +192,13 @@ def conv_halo_tiles(grid_h: int, grid_w: int, kernel: int, causal: bool, tile: i
     return halo_index, slot_query, query_slot, valid
 
 
+def prefix_text_square(size: int, prefix: int) -> np.ndarray:
+    """bool [size, size] text block of image-to-text: causal, plus every row sees keys < prefix."""
+    if prefix < 0:
+        raise ValueError(f"text prefix must be >= 0, got {prefix}")
+    return causal_square(size) | (np.arange(size) < prefix)[None, :]
+
+
 def image_pattern(kind: LayerKind, grid_h: int, grid_w: int, kernel: int, causal: bool) -> np.ndarray:
     """bool [n, n]: which image tokens an image token sees in a layer of this kind."""
     n = grid_h * grid_w
@@ -207,9 +224,14 @@ def image_pattern(kind: LayerKind, grid_h: int, grid_w: int, kernel: int, causal
 # --------------------------------------------------------------------------------------------
 # Full masks (reference implementation, tests)
 # --------------------------------------------------------------------------------------------
-def stream_mask(layout: StreamLayout, kind: LayerKind) -> np.ndarray:
-    """bool [L + n, L + n] over the whole stream, True = may attend."""
+def stream_mask(layout: StreamLayout, kind: LayerKind, text_prefix: int = 0) -> np.ndarray:
+    """bool [L + n, L + n] over the whole stream, True = may attend.
+
+    `text_prefix` (image-to-text only): the first P text positions are source (see the module doc).
+    """
     L, n = layout.text_len, layout.num_image
+    if text_prefix and layout.direction is Direction.TXT2IMG:
+        raise ValueError("a text prefix exists only in the image-to-text stream")
     img = image_pattern(kind, layout.grid_h, layout.grid_w, layout.conv_kernel, causal=layout.image_is_target)
     mask = np.zeros((layout.total, layout.total), dtype=bool)
     t, i = slice(layout.text_start, layout.text_start + L), slice(layout.image_start, layout.image_start + n)
@@ -220,8 +242,30 @@ def stream_mask(layout: StreamLayout, kind: LayerKind) -> np.ndarray:
     else:
         mask[i, i] = img  # source image: bidirectional neighbourhood, no text
         mask[t, i] = True  # target text sees every image token
-        mask[t, t] = causal_square(L)
+        mask[t, t] = prefix_text_square(L, text_prefix)
     return mask
+
+
+def text_rows_mask(num_image: int, text_len: int, text_prefix: np.ndarray | None = None) -> np.ndarray:
+    """Keys of the text queries of image-to-text, over [image (n), text (text_len)]: bool
+    [text_len, n + text_len] without a prefix (captioning), else [B, text_len, n + text_len] with
+    sample b's first `text_prefix[b]` text positions as source."""
+    if text_prefix is None:
+        return np.concatenate([np.ones((text_len, num_image), dtype=bool), causal_square(text_len)], axis=1)
+    prefix = np.asarray(text_prefix, dtype=np.int64).reshape(-1, 1, 1)  # [B, 1, 1]
+    text = causal_square(text_len)[None] | (np.arange(text_len)[None, None, :] < prefix)  # [B, Lt, Lt]
+    image = np.ones((len(prefix), text_len, num_image), dtype=bool)
+    return np.concatenate([image, text], axis=2)
+
+
+@functools.lru_cache(maxsize=1024)
+def _cached_stream_mask(layout: StreamLayout, kind: LayerKind, text_prefix: int) -> np.ndarray:
+    return stream_mask(layout, kind, text_prefix)
+
+
+def batch_stream_masks(layout: StreamLayout, kind: LayerKind, text_prefix: np.ndarray) -> np.ndarray:
+    """bool [B, L + n, L + n]: the stream mask of every sample, with its own text prefix."""
+    return np.stack([_cached_stream_mask(layout, kind, int(p)) for p in np.asarray(text_prefix).reshape(-1)])
 
 
 def to_additive(mask: np.ndarray, fill_value: float, dtype: str | paddle.dtype = "float32") -> paddle.Tensor:

@@ -15,6 +15,11 @@ Embeddings: tok_emb_txt / tok_emb_img, pos_emb_txt (1-D over text positions), po
 pos_emb_col (image row and column), dir_emb (0 = text-to-image, 1 = image-to-text) added to every
 token. The heads head_txt / head_img hold the input embedding Parameters themselves (tied).
 
+Generative VQA (paper sec. 4.4) is image-to-text with a text prefix: text_ids = `[CLS] question
+[SEP] answer [SEP] [PAD]..` and `text_prefix` [B] = the question's length with [CLS] and its
+[SEP]; those positions are source (bidirectional, see `sparse_masks.py`), the answer is the
+target. `text_prefix=None` is captioning, and all zeros gives the same result.
+
 Models return logits only; the criterion is `losses.VilgCriterion`. `num_params` and
 `flops_per_token` compute sizes from the config alone (no weights are allocated).
 """
@@ -91,14 +96,18 @@ class Block(nn.Layer):
         self.ln2 = nn.LayerNorm(cfg.hidden_size, epsilon=cfg.layer_norm_eps)
         self.mlp = MLP(cfg, proj_std)
 
-    def attention_residual(self, x: Tensor, layout: StreamLayout, cache=None) -> Tensor:
-        return x + self.attn(self.ln1(x), layout, cache)
+    def attention_residual(self, x: Tensor, layout: StreamLayout, cache=None,
+                           text_prefix: np.ndarray | None = None) -> Tensor:
+        return x + self.attn(self.ln1(x), layout, cache, text_prefix)
 
     def mlp_residual(self, x: Tensor) -> Tensor:
         return x + self.mlp(self.ln2(x))
 
-    def forward(self, x: Tensor, layout: StreamLayout, cache=None) -> Tensor:
-        return self.mlp_residual(self.attention_residual(x, layout, cache))
+    def forward(self, x: Tensor, layout: StreamLayout, cache=None, text_prefix: np.ndarray | None = None) -> Tensor:
+        # the prefix is passed only when there is one: subclasses written for captioning
+        # (attention_residual(x, layout, cache)) keep working
+        extra = () if text_prefix is None else (text_prefix,)
+        return self.mlp_residual(self.attention_residual(x, layout, cache, *extra))
 
     def step(self, x: Tensor, layout: StreamLayout, position: int, cache) -> Tensor:
         x = x + self.attn.step(self.ln1(x), layout, position, cache)
@@ -167,18 +176,36 @@ class ErnieViLG(nn.Layer):
         return self._embed_image(source_ids, 0)
 
     # ---------------------------------------------------------------- the block stack
-    def _run_blocks(self, x: Tensor, layout: StreamLayout, cache: KVCache | None) -> Tensor:
+    def _run_blocks(self, x: Tensor, layout: StreamLayout, cache: KVCache | None,
+                    text_prefix: np.ndarray | None = None) -> Tensor:
         """The only place that decides about recompute."""
         for i, block in enumerate(self.blocks):
             if cache is None and self.training and self.recompute != "none":
-                x = recompute_block(block, self.recompute, i, x, layout, None, every_k=self.recompute_every_k)
+                x = recompute_block(block, self.recompute, i, x, layout, None, text_prefix,
+                                    every_k=self.recompute_every_k)
             else:
-                x = block(x, layout, cache.layers[i] if cache is not None else None)
+                x = block(x, layout, cache.layers[i] if cache is not None else None, text_prefix)
         return self.ln_f(x)
 
-    def hidden_states(self, text_ids: Tensor, image_ids: Tensor, direction: Direction) -> Tensor:
+    @staticmethod
+    def _check_prefix(text_prefix: Tensor | np.ndarray | None, direction: Direction, batch: int,
+                      text_len: int) -> np.ndarray | None:
+        """The per-sample text prefix as host int64 [B] (None stays None)."""
+        if text_prefix is None:
+            return None
+        if direction is not Direction.IMG2TXT:
+            raise ValueError("a text prefix (VQA question) exists only in the image-to-text direction")
+        prefix = np.asarray(text_prefix.numpy() if isinstance(text_prefix, paddle.Tensor) else text_prefix,
+                            dtype=np.int64).reshape(-1)
+        if prefix.shape[0] != batch or prefix.min() < 0 or prefix.max() > text_len:
+            raise ValueError(f"text_prefix must hold {batch} lengths in [0, {text_len}], got {prefix.tolist()}")
+        return prefix
+
+    def hidden_states(self, text_ids: Tensor, image_ids: Tensor, direction: Direction,
+                      text_prefix: Tensor | np.ndarray | None = None) -> Tensor:
         """Last-layer hidden states [B, L + n, d] of the whole stream, in stream order."""
         layout = self.layout(direction, text_ids.shape[1])
+        prefix = self._check_prefix(text_prefix, layout.direction, text_ids.shape[0], text_ids.shape[1])
         n = layout.num_image
         image_ids = image_ids.reshape([image_ids.shape[0], -1])  # [B, h, w] -> [B, n]
         if image_ids.shape[1] != n or text_ids.shape[0] != image_ids.shape[0]:
@@ -187,18 +214,21 @@ class ErnieViLG(nn.Layer):
         txt, img = self._embed_text(text_ids, 0), self._embed_image(image_ids, 0)
         parts = [txt, img] if layout.direction is Direction.TXT2IMG else [img, txt]
         x = self._direction(paddle.concat(parts, axis=1), layout)  # [B, L + n, d]
-        return self._run_blocks(x, layout, None)
+        return self._run_blocks(x, layout, None, prefix)
 
-    def forward(self, text_ids: Tensor, image_ids: Tensor, direction: Direction | str) -> Tensor:
+    def forward(self, text_ids: Tensor, image_ids: Tensor, direction: Direction | str,
+                text_prefix: Tensor | np.ndarray | None = None) -> Tensor:
         """Target logits of one direction, aligned with the targets.
 
         text_ids [B, L] int64 ([CLS] .. [SEP] [PAD]..; L <= max_text_len), image_ids [B, h, w] or
         [B, n] int64.
         text-to-image -> [B, n, V_img] (row k predicts z_k); image-to-text -> [B, L - 1, V_txt]
         (row j predicts text_ids[:, j + 1]).
+        text_prefix: int [B] or None, image-to-text only: the first text_prefix[b] text positions of
+        sample b are source (VQA question); rows j >= text_prefix[b] - 1 predict its answer.
         """
         direction = Direction(direction)
-        h = self.hidden_states(text_ids, image_ids, direction)
+        h = self.hidden_states(text_ids, image_ids, direction, text_prefix)
         L, n = text_ids.shape[1], self.cfg.image_grid ** 2
         if direction is Direction.TXT2IMG:
             # positions L-1 .. L+n-2 predict z_1 .. z_n
@@ -209,11 +239,14 @@ class ErnieViLG(nn.Layer):
         return self.head_txt(h_pred)
 
     # ---------------------------------------------------------------- incremental decoding
-    def prefill(self, source_ids: Tensor, cache: KVCache) -> Tensor:
+    def prefill(self, source_ids: Tensor, cache: KVCache, prompt_ids: Tensor | None = None) -> Tensor:
         """Encode the source (text [B, L], or image [B, n] / [B, h, w]) into an empty cache.
 
         Returns the logits of the first target token [B, V_target] (the first image token; for
         image-to-text the [CLS] prediction, which callers ignore: they feed [CLS] via `step`).
+        `prompt_ids` [B, P] (image-to-text only, VQA): the text prefix `[CLS] question [SEP]`,
+        encoded with the image as source (bidirectional); the logits returned are then those of
+        the first answer token.
         """
         layout = cache.layout
         if cache.length != 0:
@@ -222,8 +255,16 @@ class ErnieViLG(nn.Layer):
         if source_ids.shape[1] != layout.source_len:
             raise ValueError(f"expected {layout.source_len} source ids, got {source_ids.shape[1]}")
         x = self._direction(self._source_embeddings(source_ids, layout), layout)
-        h = self._run_blocks(x, layout, cache)
-        cache.length = layout.source_len
+        prefix = None
+        if prompt_ids is not None:
+            B, P = prompt_ids.shape
+            if layout.direction is not Direction.IMG2TXT or P < 1 or P >= layout.text_len:
+                raise ValueError(f"a prompt of {P} text ids needs an image-to-text cache with more "
+                                 f"than {P} text positions (has {layout.text_len})")
+            x = paddle.concat([x, self._direction(self._embed_text(prompt_ids, 0), layout)], axis=1)
+            prefix = np.full(B, P, dtype=np.int64)  # [B, n + P]: image + question, all source
+        h = self._run_blocks(x, layout, cache, prefix)
+        cache.length = x.shape[1]
         return self._head(h[:, -1], layout)
 
     def step(self, token_ids: Tensor, cache: KVCache) -> Tensor:
