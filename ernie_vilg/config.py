@@ -224,8 +224,6 @@ class DVAEConfig:
     kl_weight_end: float = 6.6
     kl_warmup_steps: int = 5000  # cosine ramp of the KL weight
     straight_through: bool = False  # hard one-hot forward, soft gradient
-    init_logit_std: float = 0.0  # > 0: data-dependent init of the dVAE's logits (nearest-centre
-    # ranking with this std over codes; DVAE.init_logits_from_data); 0 = DALL-E's random init
 
 
 @dataclass

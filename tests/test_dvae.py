@@ -34,6 +34,20 @@ def test_relaxation_and_kl():
     assert abs(float(kl_to_uniform(peaked)) - math.log(16)) < 1e-3
 
 
+def test_kl_matches_log_softmax_in_value_and_gradient():
+    # kl_to_uniform avoids F.log_softmax(axis=1) (slow on CPU); it must still be the same function
+    logits = paddle.randn([2, 16, 3, 3]) * 4.0
+    a, b = logits.clone(), logits.clone()
+    a.stop_gradient = b.stop_gradient = False
+    kl = kl_to_uniform(a)
+    log_q = paddle.nn.functional.log_softmax(b, axis=1)
+    ref = (log_q.exp() * (log_q + math.log(16))).sum(axis=1).mean()
+    np.testing.assert_allclose(float(kl), float(ref), rtol=1e-5)
+    kl.backward()
+    ref.backward()
+    np.testing.assert_allclose(a.grad.numpy(), b.grad.numpy(), rtol=1e-4, atol=1e-7)
+
+
 def test_logit_laplace_nll_is_lowest_at_the_right_mean():
     x = paddle.uniform([1, 3, 4, 4], min=-1, max=1)
     x01 = (x + 1) / 2 * 0.8 + 0.1
