@@ -4,13 +4,15 @@ from ernie_vilg.generation.cache import KVCache, LayerKV
 from ernie_vilg.generation.decoding import (
     SamplingParams,
     TextSpecials,
+    beam_search_answer_tokens,
     beam_search_text_tokens,
+    generate_answer_tokens,
     generate_image_tokens,
     generate_text_tokens,
 )
 from ernie_vilg.generation.filters import apply_temperature, top_k_filter, top_p_filter
 
 __all__ = [
-    "KVCache", "LayerKV", "SamplingParams", "TextSpecials", "apply_temperature", "beam_search_text_tokens",
-    "generate_image_tokens", "generate_text_tokens", "top_k_filter", "top_p_filter",
+    "KVCache", "LayerKV", "SamplingParams", "TextSpecials", "apply_temperature", "beam_search_answer_tokens",
+    "beam_search_text_tokens", "generate_answer_tokens", "generate_image_tokens", "generate_text_tokens", "top_k_filter", "top_p_filter",
 ]
