@@ -15,7 +15,7 @@ hidden states from `forward` (see the report of issue 6 for the exact hook).
 """
 from __future__ import annotations
 
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import paddle
@@ -25,7 +25,6 @@ from ernie_vilg.data.images import load_image
 from ernie_vilg.models.e2e import ErnieViLGE2E, load_image_tokenizer
 from ernie_vilg.models.module import ShardBatches, VilgTrainModule
 from ernie_vilg.models.sparse_masks import Direction
-from ernie_vilg.text.tokenizer import pad_ids
 
 
 class E2EBatches(ShardBatches):
@@ -38,28 +37,17 @@ class E2EBatches(ShardBatches):
         super().__init__(*args, **kwargs)
         self.image_size = image_size
 
-    def __iter__(self) -> Iterator[dict[str, paddle.Tensor]]:
-        while True:
-            order = self._order()
-            if self.position >= len(order):
-                self.epoch, self.position = self.epoch + 1, 0
-                continue
-            idx = order[self.position:self.position + self.batch_size]
-            texts, ids, images = [], [], []
-            for i in idx:
-                rec = self.shards[int(i)]
-                choice = np.random.default_rng([self.seed, self.epoch, int(i)]).integers(len(rec.texts))
-                texts.append(self._text_ids(rec.texts[choice]))
-                ids.append(rec.image_ids)
-                if "image" not in rec.meta:
-                    raise ConfigError("token shards without image paths: the end-to-end stage needs the gold "
-                                      "images (re-tokenize with tools/tokenize_images.py)")
-                images.append(load_image(rec.meta["image"], self.image_size))
-            self.position += len(idx)
-            width = max(len(t) for t in texts)
-            yield {"text_ids": paddle.to_tensor(pad_ids(texts, width, self.tok.pad_id)),
-                   "image_ids": paddle.to_tensor(np.stack(ids).astype(np.int64)),
-                   "images": paddle.to_tensor(np.stack(images).astype(np.float32))}
+    def _batch(self, items: list[int]) -> dict[str, paddle.Tensor]:
+        batch = super()._batch(items)
+        images = []
+        for i in items:
+            rec = self.shards[i]
+            if "image" not in rec.meta:
+                raise ConfigError("token shards without image paths: the end-to-end stage needs the gold "
+                                  "images (re-tokenize with tools/tokenize_images.py)")
+            images.append(load_image(rec.meta["image"], self.image_size))
+        batch["images"] = paddle.to_tensor(np.stack(images).astype(np.float32))
+        return batch
 
 
 class E2ETrainModule(VilgTrainModule):

@@ -83,23 +83,31 @@ class ShardBatches:
             self._encoded[text] = self.tok.encode(text, self.max_tokens)
         return self._encoded[text]
 
+    def _text_choice(self, item: int, count: int) -> int:
+        """Which of an item's `count` reference texts this epoch's visit uses (seeded)."""
+        return int(np.random.default_rng([self.seed, self.epoch, item]).integers(count))
+
+    def _batch(self, items: list[int]) -> dict[str, paddle.Tensor]:
+        """The batch of these items (subclasses add fields: VQA prefixes, gold pixels)."""
+        texts, images = [], []
+        for i in items:
+            rec = self.shards[i]
+            texts.append(self._text_ids(rec.texts[self._text_choice(i, len(rec.texts))]))
+            images.append(rec.image_ids)
+        width = max(len(t) for t in texts)
+        return {"text_ids": paddle.to_tensor(pad_ids(texts, width, self.tok.pad_id)),  # [B, L]
+                "image_ids": paddle.to_tensor(np.stack(images).astype(np.int64))}  # [B, h, w]
+
     def __iter__(self) -> Iterator[dict[str, paddle.Tensor]]:
         while True:
             order = self._order()
             if self.position >= len(order):
                 self.epoch, self.position = self.epoch + 1, 0
                 continue
-            idx = order[self.position:self.position + self.batch_size]
-            texts, images = [], []
-            for i in idx:
-                rec = self.shards[int(i)]
-                choice = np.random.default_rng([self.seed, self.epoch, int(i)]).integers(len(rec.texts))
-                texts.append(self._text_ids(rec.texts[choice]))
-                images.append(rec.image_ids)
+            idx = [int(i) for i in order[self.position:self.position + self.batch_size]]
+            batch = self._batch(idx)  # before advancing: the epoch seeds the text choice
             self.position += len(idx)
-            width = max(len(t) for t in texts)
-            yield {"text_ids": paddle.to_tensor(pad_ids(texts, width, self.tok.pad_id)),  # [B, L]
-                   "image_ids": paddle.to_tensor(np.stack(images).astype(np.int64))}  # [B, h, w]
+            yield batch
 
 
 class StreamBatches:

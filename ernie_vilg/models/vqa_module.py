@@ -26,7 +26,7 @@ import logging
 import tempfile
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import paddle
@@ -109,27 +109,19 @@ class VqaBatches(ShardBatches):
             self._qa[key] = encode_qa(self.tok, question, answer, self.max_question_len, self.max_answer_len)
         return self._qa[key]
 
-    def __iter__(self) -> Iterator[dict[str, paddle.Tensor]]:
-        while True:
-            order = self._order()
-            if self.position >= len(order):
-                self.epoch, self.position = self.epoch + 1, 0
-                continue
-            idx = order[self.position:self.position + self.batch_size]
-            texts, prefixes, images = [], [], []
-            for i in idx:
-                rec = self.shards[int(i)]
-                answers = rec.texts or [rec.text]
-                choice = np.random.default_rng([self.seed, self.epoch, int(i)]).integers(len(answers))
-                ids, prefix = self._qa_ids(record_question(rec), answers[choice])
-                texts.append(ids)
-                prefixes.append(prefix)
-                images.append(rec.image_ids)
-            self.position += len(idx)
-            width = max(len(t) for t in texts)
-            yield {"text_ids": paddle.to_tensor(pad_ids(texts, width, self.tok.pad_id)),  # [B, L]
-                   "image_ids": paddle.to_tensor(np.stack(images).astype(np.int64)),  # [B, h, w]
-                   "text_prefix": paddle.to_tensor(np.asarray(prefixes, dtype=np.int64))}  # [B]
+    def _batch(self, items: list[int]) -> dict[str, paddle.Tensor]:
+        texts, prefixes, images = [], [], []
+        for i in items:
+            rec = self.shards[i]
+            answers = rec.texts or [rec.text]
+            ids, prefix = self._qa_ids(record_question(rec), answers[self._text_choice(i, len(answers))])
+            texts.append(ids)
+            prefixes.append(prefix)
+            images.append(rec.image_ids)
+        width = max(len(t) for t in texts)
+        return {"text_ids": paddle.to_tensor(pad_ids(texts, width, self.tok.pad_id)),  # [B, L]
+                "image_ids": paddle.to_tensor(np.stack(images).astype(np.int64)),  # [B, h, w]
+                "text_prefix": paddle.to_tensor(np.asarray(prefixes, dtype=np.int64))}  # [B]
 
 
 # --------------------------------------------------------------------------------------------
