@@ -22,10 +22,10 @@ EMPTY_CAPTION = "□"  # stands in for empty captions when scoring: it matches n
 CAPTION_METRICS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr")
 
 
-def _score(preds: dict[str, str], refs: dict[str, list[str]], with_meteor: bool) -> dict[str, float]:
-    from ernie_vilg.metrics.caption import score_captions
-
-    from ernie_vilg.metrics.caption import has_content
+def score_caption_dicts(preds: dict[str, str], refs: dict[str, list[str]], with_meteor: bool) -> dict[str, float]:
+    """Caption metrics at character level for {id: caption} against {id: [references]}; an empty
+    caption scores as a wrong one. Keys are prefixed `caption_`."""
+    from ernie_vilg.metrics.caption import has_content, score_captions
 
     metrics = ("BLEU", "METEOR", "ROUGE-L", "CIDEr") if with_meteor else ("BLEU", "ROUGE-L", "CIDEr")
     # an empty caption (e.g. [SEP] first, early in training) scores as a wrong one, not an error
@@ -76,7 +76,7 @@ def run_both_directions(model: ErnieViLG, text_tokenizer: Any, image_tokenizer: 
         for i, (rec, seq) in enumerate(zip(chunk, seqs)):
             preds[str(start + i)] = text_tokenizer.decode(seq)
             refs[str(start + i)] = list(rec.texts) or [rec.text]
-    metrics = _score(preds, refs, with_meteor)
+    metrics = score_caption_dicts(preds, refs, with_meteor)
     outputs: dict[str, Any] = {"captions": preds, "references": refs}
     if image_tokenizer is not None:
         from ernie_vilg.generation.pipelines import decode_image_ids

@@ -35,7 +35,7 @@ import paddle
 
 from ernie_vilg.config import Config, ConfigError, GenerationConfig
 from ernie_vilg.generation.decoding import SamplingParams, TextSpecials, beam_search_text_tokens, generate_text_tokens
-from ernie_vilg.generation.evaluate import _score as score_caption_dicts
+from ernie_vilg.generation.evaluate import score_caption_dicts
 from ernie_vilg.models.losses import token_nll
 from ernie_vilg.models.module import VOCAB_FILE, ShardBatches, VilgTrainModule
 from ernie_vilg.models.sparse_masks import Direction
