@@ -37,6 +37,7 @@ import paddle.nn.functional as F
 
 from ernie_vilg.config import ConfigError, DVAEConfig, VQConfig
 from ernie_vilg.vq.base import ImageTokenizer
+from ernie_vilg.vq.vqvae import level_channels
 
 Tensor = paddle.Tensor
 LOGIT_LAPLACE_EPS = 0.1  # DALL-E's map_pixels epsilon (the converter's weights expect it)
@@ -123,20 +124,10 @@ class _Block(nn.Layer):
         return skip + self.post_gain * self.res_path(x)
 
 
-def _group_widths(cfg: VQConfig) -> list[int]:
-    groups, f, p = len(cfg.channel_mult), cfg.downsample_factor, cfg.patch_size
-    if groups < 1 or p < 1 or p * 2 ** (groups - 1) != f:
-        raise ConfigError(f"VQ.channel_mult: {groups} groups with patch_size {p} give a downsample factor "
-                          f"of {p * 2 ** max(groups - 1, 0)}, but VQ.downsample_factor is {f}")
-    if cfg.num_res_blocks < 1 or cfg.hidden_channels < 1:
-        raise ConfigError("VQ: hidden_channels and num_res_blocks must be >= 1")
-    return [cfg.hidden_channels * m for m in cfg.channel_mult]
-
-
 class DVAEEncoder(nn.Layer):
     def __init__(self, cfg: VQConfig) -> None:
         super().__init__()
-        widths = _group_widths(cfg)
+        widths = level_channels(cfg)
         n_layers = len(widths) * cfg.num_res_blocks
         self.patch_size = cfg.patch_size
         items: list[tuple[str, nn.Layer]] = [("input", DalleConv(cfg.in_channels * cfg.patch_size ** 2, widths[0], 7))]
@@ -162,7 +153,7 @@ class DVAEEncoder(nn.Layer):
 class DVAEDecoder(nn.Layer):
     def __init__(self, cfg: VQConfig) -> None:
         super().__init__()
-        widths = _group_widths(cfg)[::-1]  # coarsest (widest) group first
+        widths = level_channels(cfg)[::-1]  # coarsest (widest) group first
         n_layers = len(widths) * cfg.num_res_blocks
         self.patch_size = cfg.patch_size
         items: list[tuple[str, nn.Layer]] = [("input", DalleConv(cfg.codebook_size, cfg.embed_dim, 1))]

@@ -38,6 +38,7 @@ import paddle.nn.functional as F
 
 from ernie_vilg.config import ConfigError, VQConfig
 from ernie_vilg.vq.base import ImageTokenizer
+from ernie_vilg.vq.vqvae import level_channels
 from ernie_vilg.vq.quantizer import QuantizerInfo, VectorQuantizer, _perplexity
 
 Tensor = paddle.Tensor
@@ -140,17 +141,6 @@ class _Level(nn.Layer):
                 x = self.attn[i](x)
         resample = getattr(self, self.resample_name, None)
         return x if resample is None else resample(x)
-
-
-def level_channels(cfg: VQConfig) -> list[int]:
-    """Widths per level after checking f = patch_size * 2^(levels - 1)."""
-    levels, f, p = len(cfg.channel_mult), cfg.downsample_factor, cfg.patch_size
-    if levels < 1 or p < 1 or p * 2 ** (levels - 1) != f:
-        raise ConfigError(f"VQ.channel_mult: {levels} levels with patch_size {p} give a downsample factor "
-                          f"of {p * 2 ** max(levels - 1, 0)}, but VQ.downsample_factor is {f}")
-    if cfg.hidden_channels < 1 or cfg.num_res_blocks < 1:
-        raise ConfigError("VQ: hidden_channels and num_res_blocks must be >= 1")
-    return [cfg.hidden_channels * m for m in cfg.channel_mult]
 
 
 class TamingEncoder(nn.Layer):

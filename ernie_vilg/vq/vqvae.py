@@ -59,8 +59,9 @@ def _is_pow2(n: int) -> bool:
     return n >= 1 and not n & (n - 1)
 
 
-def _level_channels(cfg: VQConfig) -> list[int]:
-    """Channels of each resolution level, after checking f, patch_size and channel_mult agree."""
+def level_channels(cfg: VQConfig) -> list[int]:
+    """Channels of each resolution level, after checking f, patch_size and channel_mult agree
+    (f = patch_size * 2^(levels - 1)); shared by the VQVAE, VQGAN and dVAE encoders / decoders."""
     f, p = cfg.downsample_factor, cfg.patch_size
     if f < 2 or not _is_pow2(f):
         raise ConfigError(f"VQ.downsample_factor: must be a power of two (4 / 8 / 16), got {f}")
@@ -80,7 +81,7 @@ def _level_channels(cfg: VQConfig) -> list[int]:
 class Encoder(nn.Layer):
     def __init__(self, cfg: VQConfig) -> None:
         super().__init__()
-        chs = _level_channels(cfg)
+        chs = level_channels(cfg)
         self.patch_size = cfg.patch_size
         self.stem = nn.Conv2D(cfg.in_channels * cfg.patch_size**2, chs[0], 3, padding=1)
         layers: list[nn.Layer] = []
@@ -103,7 +104,7 @@ class Encoder(nn.Layer):
 class Decoder(nn.Layer):
     def __init__(self, cfg: VQConfig) -> None:
         super().__init__()
-        chs = _level_channels(cfg)[::-1]  # coarsest level first
+        chs = level_channels(cfg)[::-1]  # coarsest level first
         self.patch_size = cfg.patch_size
         in_ch = chs[0]
         layers: list[nn.Layer] = [nn.Conv2D(cfg.embed_dim, in_ch, 3, padding=1), ResBlock(in_ch, in_ch)]
