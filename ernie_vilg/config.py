@@ -78,6 +78,11 @@ class VQConfig:
     # codes unused for this many steps are restarted from random encoder outputs (0 = never)
     dead_code_steps: int = 100
     l2_normalize: bool = False  # cosine-similarity lookup (helps codebook usage)
+    # dVAE only (kind "dvae"; not DALL-E, off by default so DALL-E's weights convert 1:1):
+    # "instance" puts a per-channel GroupNorm (= instance norm) before the encoder's logits conv,
+    # and the logits conv's init std is multiplied by dvae_logits_init_scale (docs/tokenizers.md)
+    dvae_logits_norm: str = "none"  # "none" (DALL-E) | "instance"
+    dvae_logits_init_scale: float = 1.0
 
 
 @dataclass

@@ -39,12 +39,15 @@ class QuickstartPlan:
     vq_overrides: tuple[str, ...] = ()
     vilg_overrides: tuple[str, ...] = ()
     eval_images: int = 200  # held-out test items scored in both directions
+    # text-to-image samples per test caption; > 1 adds best-of-N (ranked by the model's own caption
+    # likelihood) next to the single-sample judge scores
+    eval_candidates: int = 8
 
 
 # A smoke version of the same pipeline for the end-to-end test (minutes -> seconds).
 SMOKE_PLAN = QuickstartPlan(
     num_train=64, num_val=16, num_test=16, vq_config="vq/tiny_vqvae.yaml", vilg_config="vilg/tiny.yaml",
-    eval_images=8,
+    eval_images=8, eval_candidates=2,
 )
 
 
@@ -124,9 +127,10 @@ def run_quickstart(out: str | Path, plan: Optional[QuickstartPlan] = None, threa
     from ernie_vilg.generation.evaluate import evaluate_both_directions
 
     t0 = time.time()
-    _banner(f"6/6 evaluate both directions on {plan.eval_images} held-out test images")
+    best_of = f", text-to-image best-of-{plan.eval_candidates}" if plan.eval_candidates > 1 else ""
+    _banner(f"6/6 evaluate both directions on {plan.eval_images} held-out test images{best_of}")
     metrics = evaluate_both_directions(vilg_ckpt, out / "tokens" / "test", out, max_items=plan.eval_images,
-                                       seed=plan.seed)
+                                       seed=plan.seed, num_candidates=plan.eval_candidates)
     timings["evaluate"] = time.time() - t0
     timings["total"] = time.time() - t_all
     result = {"metrics": metrics, "seconds": timings, "tokenizer_ckpt": str(vq_ckpt),

@@ -120,3 +120,33 @@ def test_ranked_grid_orders_candidates_and_frames_the_kept_ones() -> None:
     assert grid.shape == (6, 18, 3)
     assert grid[1:5, 1:5].max() == 30 and grid[1:5, 7:11].max() == 10  # best first
     assert tuple(grid[0, 0]) == (40, 200, 60) and tuple(grid[0, 6]) == (90, 90, 90)  # kept vs not
+
+
+def test_evaluation_best_of_n_keeps_the_most_likely_candidate_and_candidate_zero(bundle) -> None:
+    """The quickstart's evaluation: `images` = candidate 0 of each text (a single sample),
+    `images_best` = the candidate with the highest caption log-likelihood, on the same samples."""
+    from types import SimpleNamespace
+
+    from ernie_vilg.generation.decoding import SamplingParams, generate_image_tokens
+    from ernie_vilg.generation.evaluate import run_both_directions
+    from ernie_vilg.generation.pipelines import decode_image_ids
+
+    tok, cfg, n = bundle.text_tokenizer, bundle.cfg, 3
+    rng = np.random.default_rng(1)
+    records = [SimpleNamespace(text=t, texts=[t], meta={}, image_ids=rng.integers(0, 32, (4, 4))) for t in TEXTS]
+    with paddle.no_grad():
+        metrics, out = run_both_directions(bundle.model, tok, bundle.image_tokenizer, records, cfg, seed=5,
+                                           num_candidates=n)
+        text_ids = tok.encode_batch(TEXTS, cfg.Data.max_text_len, pad_to_longest=True)
+        gen = cfg.Generation
+        params = SamplingParams(greedy=False, temperature=gen.temperature, top_k=gen.top_k, top_p=gen.top_p)
+        ids = generate_image_tokens(bundle.model, text_ids, params, num_candidates=n, seed=5)
+        loglik = caption_log_likelihood(bundle.model, ids, np.repeat(text_ids, n, axis=0), tok.pad_id)
+    pick = loglik.reshape(len(TEXTS), n).argmax(axis=1)
+    grids = ids.reshape(len(TEXTS), n, 4, 4)
+    np.testing.assert_array_equal(out["images"], decode_image_ids(bundle.image_tokenizer, grids[:, 0]))
+    np.testing.assert_array_equal(out["images_best"],
+                                  decode_image_ids(bundle.image_tokenizer, grids[np.arange(len(TEXTS)), pick]))
+    assert "caption_BLEU-4" in metrics
+    with pytest.raises(ValueError, match="num_candidates"):
+        run_both_directions(bundle.model, tok, bundle.image_tokenizer, records, cfg, num_candidates=0)

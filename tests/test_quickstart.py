@@ -20,6 +20,11 @@ def test_smoke_quickstart_writes_metrics_grid_and_captions_then_resumes(tmp_path
     captions = [json.loads(l) for l in (out / "captions.jsonl").read_text(encoding="utf-8").splitlines()]
     assert len(captions) == n and all(c["references"] for c in captions)
     assert (out / "samples" / "grid.png").stat().st_size > 0
+    k = result["plan"]["eval_candidates"]
+    assert k > 1 and f"judge_best_of_{k}_shape" in metrics  # best-of-N next to the single sample
+    assert (out / "samples" / f"grid_best_of_{k}.png").stat().st_size > 0
+    assert len((out / f"judgements_best_of_{k}.jsonl").read_text(encoding="utf-8").splitlines()) == \
+        len((out / "judgements.jsonl").read_text(encoding="utf-8").splitlines())
     assert (out / "vq" / "checkpoints").is_dir() and (out / "vilg" / "checkpoints").is_dir()
     # a second run finds every stage complete and only re-evaluates
     second = subprocess.run(cmd, capture_output=True, text=True, timeout=600)

@@ -63,9 +63,14 @@ def _is_shapes(records: list[Any]) -> bool:
 
 
 def run_both_directions(model: ErnieViLG, text_tokenizer: Any, image_tokenizer: Optional[Any], records: list[Any],
-                        cfg: Config, seed: int = 0, batch_size: int = 32, with_meteor: bool = False
-                        ) -> tuple[dict[str, float], dict[str, Any]]:
-    """Greedy captions for the records' image ids and one sampled image per record's text."""
+                        cfg: Config, seed: int = 0, batch_size: int = 32, with_meteor: bool = False,
+                        num_candidates: int = 1, sample_batch: int = 256) -> tuple[dict[str, float], dict[str, Any]]:
+    """Greedy captions for the records' image ids and sampled images for the records' texts.
+
+    With `num_candidates` N > 1 each text gets N samples, ranked by the model's own caption
+    log-likelihood of each image (best-of-N, paper sec. 4.2, which re-ranks too): `judge_*` then
+    scores the first candidate (what a single sample gives) and `judge_best_of_N_*` the top-ranked
+    one, on the same samples, so the two rows differ by the ranking alone."""
     specials = TextSpecials(text_tokenizer.cls_id, text_tokenizer.sep_id, text_tokenizer.pad_id)
     gen = cfg.Generation
     preds, refs = {}, {}
@@ -79,21 +84,40 @@ def run_both_directions(model: ErnieViLG, text_tokenizer: Any, image_tokenizer: 
     metrics = score_caption_dicts(preds, refs, with_meteor)
     outputs: dict[str, Any] = {"captions": preds, "references": refs}
     if image_tokenizer is not None:
+        from ernie_vilg.generation.best_of_n import caption_log_likelihood
         from ernie_vilg.generation.pipelines import decode_image_ids
 
+        if num_candidates < 1:
+            raise ValueError(f"num_candidates must be >= 1, got {num_candidates}")
+        n = num_candidates
         params = SamplingParams(greedy=False, temperature=gen.temperature, top_k=gen.top_k, top_p=gen.top_p)
-        images = []
-        for start in range(0, len(records), batch_size):
-            chunk = records[start:start + batch_size]
-            texts = [r.text for r in chunk]
-            text_ids = text_tokenizer.encode_batch(texts, cfg.Data.max_text_len, pad_to_longest=True)
-            ids = generate_image_tokens(model, text_ids, params, seed=seed + start)
-            images.append(decode_image_ids(image_tokenizer, ids))
-        outputs["images"] = np.concatenate(images)
+        first, best = [], []
+        # texts x candidates sampled together: per-token decoding cost is mostly fixed overhead on a
+        # CPU, so one wide batch is several times faster than many narrow ones
+        text_batch = max(1, sample_batch // n)
+        for start in range(0, len(records), text_batch):
+            chunk = records[start:start + text_batch]
+            text_ids = text_tokenizer.encode_batch([r.text for r in chunk], cfg.Data.max_text_len,
+                                                   pad_to_longest=True)
+            ids = generate_image_tokens(model, text_ids, params, num_candidates=n, seed=seed + start)
+            if n > 1:
+                loglik = caption_log_likelihood(model, ids, np.repeat(text_ids, n, axis=0), text_tokenizer.pad_id)
+                pick = loglik.reshape(len(chunk), n).argmax(axis=1)
+                grids = ids.reshape(len(chunk), n, *ids.shape[1:])
+                best.append(decode_image_ids(image_tokenizer, grids[np.arange(len(chunk)), pick]))
+                ids = grids[:, 0]
+            first.append(decode_image_ids(image_tokenizer, ids))
+        outputs["images"] = np.concatenate(first)
+        if best:
+            outputs["images_best"] = np.concatenate(best)
         if _is_shapes(records):
             judge, rows = _judge(outputs["images"], records)
             metrics.update(judge)
             outputs["judgements"] = rows
+            if best:
+                judge, rows = _judge(outputs["images_best"], records)
+                metrics.update({k.replace("judge_", f"judge_best_of_{n}_", 1): v for k, v in judge.items()})
+                outputs["judgements_best"] = rows
     return metrics, outputs
 
 
@@ -106,9 +130,10 @@ def evaluate_model(model: ErnieViLG, text_tokenizer: Any, image_tokenizer: Optio
 
 
 def evaluate_both_directions(ckpt: str | Path, shards_dir: str | Path, out_dir: str | Path, max_items: int = 200,
-                             seed: int = 0) -> dict[str, float]:
+                             seed: int = 0, num_candidates: int = 1) -> dict[str, float]:
     """Score a checkpoint on held-out token shards; writes OUT/captions.jsonl, OUT/judgements.jsonl
-    and OUT/samples/grid.png (first 64 generated images). Returns the metrics."""
+    and OUT/samples/grid.png (first 64 generated images); with `num_candidates` > 1 also the
+    best-of-N picks (OUT/judgements_best_of_N.jsonl, OUT/samples/grid_best_of_N.png). Returns the metrics."""
     import paddle
 
     from ernie_vilg.data.token_shards import TokenShards
@@ -119,7 +144,8 @@ def evaluate_both_directions(ckpt: str | Path, shards_dir: str | Path, out_dir: 
     records = [shards[i] for i in range(min(max_items, len(shards)))]
     with paddle.no_grad():
         metrics, outputs = run_both_directions(bundle.model, bundle.text_tokenizer, bundle.image_tokenizer,
-                                               records, bundle.cfg, seed, with_meteor=True)
+                                               records, bundle.cfg, seed, with_meteor=True,
+                                               num_candidates=num_candidates)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     with (out / "captions.jsonl").open("w", encoding="utf-8") as fh:
@@ -130,9 +156,12 @@ def evaluate_both_directions(ckpt: str | Path, shards_dir: str | Path, out_dir: 
     if "images" in outputs:
         (out / "samples").mkdir(exist_ok=True)
         save_grid(outputs["images"][:64], out / "samples" / "grid.png")
-    if "judgements" in outputs:
-        with (out / "judgements.jsonl").open("w", encoding="utf-8") as fh:
-            for row in outputs["judgements"]:
-                fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+    if "images_best" in outputs:
+        save_grid(outputs["images_best"][:64], out / "samples" / f"grid_best_of_{num_candidates}.png")
+    for key, name in (("judgements", "judgements.jsonl"), ("judgements_best", f"judgements_best_of_{num_candidates}.jsonl")):
+        if key in outputs:
+            with (out / name).open("w", encoding="utf-8") as fh:
+                for row in outputs[key]:
+                    fh.write(json.dumps(row, ensure_ascii=False) + "\n")
     metrics["count"] = float(len(records))
     return metrics

@@ -41,6 +41,7 @@ from ernie_vilg.vq.vqvae import level_channels
 
 Tensor = paddle.Tensor
 LOGIT_LAPLACE_EPS = 0.1  # DALL-E's map_pixels epsilon (the converter's weights expect it)
+LOGITS_NORMS = ("none", "instance")  # VQ.dvae_logits_norm
 
 
 # ------------------------------------------------------------------ relaxation (shared with VQGAN)
@@ -140,7 +141,21 @@ class DVAEEncoder(nn.Layer):
             if g < len(widths) - 1:
                 group.append(("pool", nn.MaxPool2D(kernel_size=2)))
             items.append((f"group_{g + 1}", nn.Sequential(*group)))
-        items.append(("output", nn.Sequential(("relu", nn.ReLU()), ("conv", DalleConv(n_in, cfg.codebook_size, 1)))))
+        if cfg.dvae_logits_norm not in LOGITS_NORMS:
+            raise ConfigError(f"VQ.dvae_logits_norm: one of {LOGITS_NORMS}, got {cfg.dvae_logits_norm!r}")
+        head: list[tuple[str, nn.Layer]] = []
+        if cfg.dvae_logits_norm == "instance":
+            # NOT DALL-E (off by default). Each channel is normalised over the image's positions, so a
+            # shift that is the same at every position, which Adam's first, sign-like updates of the
+            # 7x7 stem (fan-in 3 p^2 x 49, inputs all in [0.1, 0.9]) add within a few steps, cannot
+            # make one code the argmax everywhere. Without it, or with a per-position LayerNorm,
+            # the shapes-world run collapses to 1-2 codes within 20 updates (docs/tokenizers.md).
+            head.append(("norm", nn.GroupNorm(n_in, n_in)))
+        conv = DalleConv(n_in, cfg.codebook_size, 1)
+        if cfg.dvae_logits_init_scale != 1.0:  # not DALL-E: confident enough argmax from step 0
+            conv.w.set_value(conv.w * cfg.dvae_logits_init_scale)
+        head += [("relu", nn.ReLU()), ("conv", conv)]
+        items.append(("output", nn.Sequential(*head)))
         self.blocks = nn.Sequential(*items)
 
     def forward(self, x01: Tensor) -> Tensor:
