@@ -29,12 +29,12 @@ class QuickstartPlan:
     num_train: int = 6000
     num_val: int = 200
     num_test: int = 200
-    image_size: int = 64
+    image_size: int = 32  # 8 x 8 image tokens at f = 4: see configs/vq/shapes_vqvae_32px.yaml
     min_objects: int = 1
     max_objects: int = 3
     jitter: bool = True  # random offset of each object inside its cell
     seed: int = 0
-    vq_config: str = "vq/shapes_vqvae.yaml"
+    vq_config: str = "vq/shapes_vqvae_32px.yaml"
     vilg_config: str = "vilg/shapes.yaml"
     vq_overrides: tuple[str, ...] = ()
     vilg_overrides: tuple[str, ...] = ()
