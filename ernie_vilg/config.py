@@ -81,7 +81,7 @@ class VQConfig:
     # dVAE only (kind "dvae"; not DALL-E, off by default so DALL-E's weights convert 1:1):
     # "instance" puts a per-channel GroupNorm (= instance norm) before the encoder's logits conv,
     # and the logits conv's init std is multiplied by dvae_logits_init_scale (docs/tokenizers.md)
-    dvae_logits_norm: str = "none"  # "none" (DALL-E) | "instance"
+    dvae_logits_norm: str = "none"  # "none" (DALL-E) | "instance" | "center" (dvae.py CenterNorm)
     dvae_logits_init_scale: float = 1.0
 
 
@@ -229,6 +229,9 @@ class DVAEConfig:
     kl_weight_end: float = 6.6
     kl_warmup_steps: int = 5000  # cosine ramp of the KL weight
     straight_through: bool = False  # hard one-hot forward, soft gradient
+    # dVAE stage only, NOT DALL-E: a code that was no position's argmax for this many steps takes
+    # over part of a used code's region (dvae_module.split_dead_codes); 0 = off (DALL-E)
+    dead_code_steps: int = 0
 
 
 @dataclass

@@ -5,12 +5,14 @@ import math
 
 import numpy as np
 import paddle
+import pytest
 
-from ernie_vilg.config import Config, DVAEConfig, VQConfig
+from ernie_vilg.config import Config, ConfigError, DVAEConfig, VQConfig
 from ernie_vilg.models.e2e import load_image_tokenizer
 from ernie_vilg.training.trainer import Trainer
-from ernie_vilg.vq.dvae import DVAE, cosine_schedule, kl_to_uniform, relaxed_one_hot
-from ernie_vilg.vq.dvae_module import DVAETrainModule, logit_laplace_nll
+from ernie_vilg.vq.dvae import DVAE, DVAEOutput, cosine_schedule, kl_to_uniform, map_pixels, relaxed_one_hot
+from ernie_vilg.vq.dvae_module import (DVAELoss, DVAETrainModule, apply_code_splits, logit_laplace_nll,
+                                       plan_code_splits)
 from issue6_fixtures import shapes_dir  # noqa: F401  (fixture)
 
 TINY = dict(kind="dvae", hidden_channels=8, channel_mult=[1, 2], num_res_blocks=1, downsample_factor=8,
@@ -57,6 +59,20 @@ def test_logit_laplace_nll_is_lowest_at_the_right_mean():
     assert float(good) < float(bad)
 
 
+def test_mse_recon_loss_has_gradient_where_the_decoded_image_is_clipped():
+    # a white target pixel decoded far darker than black (sigmoid(mu) < eps, clipped to 0 in the
+    # image) must still be pulled up: the mse option is taken before unmap_pixels' clip
+    images = paddle.ones([1, 3, 4, 4])
+    stats = paddle.concat([paddle.full([1, 3, 4, 4], -6.0), paddle.zeros([1, 3, 4, 4])], axis=1)
+    stats.stop_gradient = False
+    recon = DVAE.stats_to_image(stats)
+    assert float(recon.max()) == -1.0  # clipped to black
+    out = DVAEOutput(logits=paddle.zeros([1, 16, 1, 1]), stats=stats, recon=recon, ids=paddle.zeros([1, 1, 1], "int64"))
+    loss, _ = DVAELoss(DVAEConfig(recon_loss="mse"), 4)(images, out, 0.0)
+    loss.backward()
+    assert float(stats.grad[:, :3].max()) < -1e-4  # gradient descent raises mu
+
+
 def test_encode_is_argmax_and_decode_goes_through_the_codebook():
     model = DVAE(VQConfig(**TINY)).freeze()
     x = paddle.uniform([2, 3, 32, 32], min=-1, max=1)
@@ -67,14 +83,64 @@ def test_encode_is_argmax_and_decode_goes_through_the_codebook():
     np.testing.assert_allclose(model.decode_ids(ids).numpy(), via_conv.numpy(), rtol=1e-5, atol=1e-5)
 
 
-def test_dvae_stage_trains_and_checkpoint_loads(tmp_path, shapes_dir):
+@pytest.mark.parametrize("norm", ["instance", "center"])
+def test_default_head_is_dalle_and_normed_heads_ignore_position_constant_shifts(norm):
+    # default: DALL-E's parameter names only (the converter maps them 1:1), no norm
+    paddle.seed(0)
+    plain = DVAE(VQConfig(**TINY))
+    assert not [k for k in plain.state_dict() if "norm" in k]
+    normed = DVAE(VQConfig(**TINY, dvae_logits_norm=norm, dvae_logits_init_scale=6.0))
+    assert {"encoder.blocks.output.norm.weight", "encoder.blocks.output.norm.bias"} <= set(normed.state_dict())
+    np.testing.assert_allclose(float(normed.encoder.blocks.output.conv.w.std()),
+                               6.0 * float(plain.encoder.blocks.output.conv.w.std()), rtol=0.15)
+    h = paddle.randn([2, 16, 4, 4])  # features entering the head (group width 16 at the last group)
+    shift = paddle.randn([1, 16, 1, 1]) * 5.0  # the same at every position (the collapse direction)
+    head_n, head_p = normed.encoder.blocks.output, plain.encoder.blocks.output
+    np.testing.assert_allclose(head_n(h + shift).numpy(), head_n(h).numpy(), rtol=1e-3, atol=1e-3)
+    assert float((head_p(h + shift) - head_p(h)).abs().max()) > 1e-2
+    if norm == "center":  # keeps the channels' relative amplitudes (instance norm equalises them)
+        h = paddle.randn([1, 16, 4, 4]) * paddle.to_tensor([10.0] + [0.1] * 15).reshape([1, 16, 1, 1])
+        feat = normed.encoder.blocks.output.norm(h)
+        assert float(feat[0, 0].std()) > 5 * float(feat[0, 1:].std())
+    try:
+        DVAE(VQConfig(**TINY, dvae_logits_norm="layer"))
+    except ConfigError:
+        pass
+    else:
+        raise AssertionError("an unknown VQ.dvae_logits_norm must be refused")
+
+
+def test_dead_code_split_takes_over_part_of_a_used_codes_region():
+    paddle.seed(1)
+    model = DVAE(VQConfig(**TINY, dvae_logits_norm="center", dvae_logits_init_scale=6.0))
+    x = paddle.uniform([2, 3, 32, 32], min=-1, max=1)
+    out = model(x, 1.0, True)
+    used = np.bincount(out.ids.numpy().ravel(), minlength=16) > 0
+    splits = plan_code_splits(model, x, out, ~used, np.random.default_rng(0), max_splits=2)
+    assert 0 < len(splits) <= 2 and all(not used[k] and used[j] for k, j, _, _ in splits)
+    apply_code_splits(model, splits)
+    feats = model.encoder.head_features(map_pixels((x + 1) * 0.5)).transpose([0, 2, 3, 1]).reshape([-1, 16]).numpy()
+    logits = model.encoder_logits(x).transpose([0, 2, 3, 1]).reshape([-1, 16]).numpy()
+    cb = model.decoder.blocks.input.w.numpy()
+    for k, j, fp, centre in splits:
+        p = int(np.argmin(((feats - fp) ** 2).sum(axis=1)))  # the position the split was made at
+        np.testing.assert_allclose(logits[p, k] - logits[p, j], 0.5, rtol=1e-3)  # k now beats j there
+        region = np.flatnonzero(out.ids.numpy().ravel() == j)
+        assert (logits[region, k] < logits[region, j]).any()  # ... but not all over j's region
+        np.testing.assert_array_equal(cb[:, k], cb[:, j])  # and decodes like j
+
+
+@pytest.mark.parametrize("norm", ["none", "center"])
+def test_dvae_stage_trains_and_checkpoint_loads(tmp_path, shapes_dir, norm):
     cfg = Config()
     cfg.Global.stage, cfg.Global.output_dir = "dvae", str(tmp_path / "run")
-    cfg.VQ = VQConfig(**TINY)
-    cfg.DVAE = DVAEConfig(temp_anneal_steps=4, kl_warmup_steps=2, kl_weight_end=1.0)
+    cfg.VQ = VQConfig(**TINY, dvae_logits_norm=norm)
+    cfg.DVAE = DVAEConfig(temp_anneal_steps=4, kl_warmup_steps=2, kl_weight_end=1.0,
+                          dead_code_steps=2 if norm == "center" else 0, straight_through=norm == "center")
     cfg.Data.train_manifest, cfg.Data.val_manifest = str(shapes_dir / "train.jsonl"), str(shapes_dir / "val.jsonl")
     cfg.Data.image_size, cfg.Data.batch_size = 32, 4
     cfg.Train.max_steps, cfg.Train.eval_samples, cfg.Train.progress_bar = 4, 4, False
     result = Trainer(cfg, DVAETrainModule(cfg)).fit()
     assert "judge_all" in result["val"] and np.isfinite(result["val"]["psnr"])
-    assert isinstance(load_image_tokenizer(result["checkpoint"]), DVAE)
+    loaded = load_image_tokenizer(result["checkpoint"])
+    assert isinstance(loaded, DVAE) and loaded.cfg.dvae_logits_norm == norm

@@ -21,6 +21,11 @@ Pixels: the tokenizer interface takes images in [-1, 1]; they are moved to [0, 1
 [eps, 1 - eps] (DALL-E `map_pixels`, eps = 0.1) before the encoder; the decoder's image is
 sigmoid(mu) mapped back (`unmap_pixels`, clipped to [0, 1]) and returned in [-1, 1].
 
+Two options that are NOT DALL-E (off by default, so the published weights convert unchanged;
+docs/tokenizers.md, "dVAE", says why the shapes-world config needs them): VQ.dvae_logits_norm =
+"instance" puts a per-channel GroupNorm (`blocks.output.norm`) and "center" a `CenterNorm` (per-channel
+centring, one scale) before the head's relu and logits conv, and VQ.dvae_logits_init_scale multiplies the logits conv's init std.
+
 The codebook: `embed_ids(ids)` is the decoder's input conv applied to one-hot ids, i.e. column
 `ids` of its weight plus its bias; `decode_embeddings` runs the rest of the decoder. During
 training the one-hot is relaxed with gumbel-softmax (`relaxed_one_hot`); `encode_to_ids` takes
@@ -41,7 +46,7 @@ from ernie_vilg.vq.vqvae import level_channels
 
 Tensor = paddle.Tensor
 LOGIT_LAPLACE_EPS = 0.1  # DALL-E's map_pixels epsilon (the converter's weights expect it)
-LOGITS_NORMS = ("none", "instance")  # VQ.dvae_logits_norm
+LOGITS_NORMS = ("none", "instance", "center")  # VQ.dvae_logits_norm
 
 
 # ------------------------------------------------------------------ relaxation (shared with VQGAN)
@@ -125,6 +130,28 @@ class _Block(nn.Layer):
         return skip + self.post_gain * self.res_path(x)
 
 
+class CenterNorm(nn.Layer):
+    """NOT DALL-E (VQ.dvae_logits_norm = "center"): subtract each channel's mean over the image's
+    positions, divide by ONE scale (the rms over channels and positions), then a per-channel affine.
+
+    The centring removes the position-common shift behind the one-code collapse, like "instance";
+    unlike "instance" (GroupNorm with a group per channel) it keeps the channels' relative
+    amplitudes. Instance norm scales each channel to unit variance within the image, so a channel
+    that barely responds to this image's object colour is blown up as much as the one that does:
+    its shapes-world runs reconstructed grey blobs (judge colour 5 %)."""
+
+    def __init__(self, channels: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = self.create_parameter([channels], default_initializer=nn.initializer.Constant(1.0))
+        self.bias = self.create_parameter([channels], is_bias=True, default_initializer=nn.initializer.Constant(0.0))
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = x - x.mean(axis=[2, 3], keepdim=True)
+        x = x / paddle.sqrt((x * x).mean(axis=[1, 2, 3], keepdim=True) + self.eps)
+        return x * self.weight.reshape([1, -1, 1, 1]) + self.bias.reshape([1, -1, 1, 1])
+
+
 class DVAEEncoder(nn.Layer):
     def __init__(self, cfg: VQConfig) -> None:
         super().__init__()
@@ -144,6 +171,8 @@ class DVAEEncoder(nn.Layer):
         if cfg.dvae_logits_norm not in LOGITS_NORMS:
             raise ConfigError(f"VQ.dvae_logits_norm: one of {LOGITS_NORMS}, got {cfg.dvae_logits_norm!r}")
         head: list[tuple[str, nn.Layer]] = []
+        if cfg.dvae_logits_norm == "center":
+            head.append(("norm", CenterNorm(n_in)))
         if cfg.dvae_logits_norm == "instance":
             # NOT DALL-E (off by default). Each channel is normalised over the image's positions, so a
             # shift that is the same at every position, which Adam's first, sign-like updates of the
@@ -163,6 +192,17 @@ class DVAEEncoder(nn.Layer):
         if self.patch_size > 1:
             x01 = F.pixel_unshuffle(x01, self.patch_size)
         return self.blocks(x01)
+
+    def head_features(self, x01: Tensor) -> Tensor:
+        """The input of the logits conv [B, C, H/f, W/f] (after the head's norm and relu)."""
+        h = F.pixel_unshuffle(x01, self.patch_size) if self.patch_size > 1 else x01
+        for name, layer in self.blocks.named_children():
+            if name != "output":
+                h = layer(h)
+        for name, layer in self.blocks.output.named_children():
+            if name != "conv":
+                h = layer(h)
+        return h
 
 
 class DVAEDecoder(nn.Layer):

@@ -7,7 +7,8 @@ recon_nll is the mean over pixel values of the logit-Laplace negative log-likeli
     x' = map_pixels(x) in [eps, 1 - eps],  y = logit(x'),  decoder gives mu, log b per value
     -log p(x'|mu, b) = log(2 b) + log(x'(1 - x')) + |y - mu| / b
 
-or (DVAE.recon_loss = mse) the mean squared error of the decoded image in [-1, 1]. The KL is the
+or (DVAE.recon_loss = mse) the mean squared error of the decoded image in [-1, 1], taken before
+unmap_pixels' clip (a clipped pixel has no gradient). The KL is the
 mean over token positions; dividing it by the 3 f^2 pixel values each token covers puts both
 terms on the per-pixel-value scale, i.e. it is DALL-E's summed ELB divided by the number of pixel
 values, so DALL-E's beta = 6.6 keeps its meaning. The temperature is cosine-annealed
@@ -20,6 +21,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
@@ -53,11 +55,68 @@ class DVAELoss(nn.Layer):
         if self.cfg.recon_loss == "logit_laplace":
             rec = logit_laplace_nll(images, out.stats, self.cfg.logit_laplace_eps)
         else:
-            rec = F.mse_loss(out.recon, images)
+            # on the decoder's image BEFORE unmap_pixels' clip to [0, 1]: black (0) pixels map to
+            # sigmoid(mu) = eps, and with the clip every pixel the decoder paints darker than that
+            # gets no gradient, so objects painted as background early on stay background (the
+            # clipped loss sat at the all-black image for 150 steps in the shapes world)
+            unclipped = (F.sigmoid(out.stats[:, :3]) - self.cfg.logit_laplace_eps) / (1.0 - 2.0 * self.cfg.logit_laplace_eps)
+            rec = F.mse_loss(unclipped * 2.0 - 1.0, images)
         kl = kl_to_uniform(out.logits)
         loss = rec + kl_weight * kl / self.values_per_token
         logs = {"rec_loss": float(rec), "kl": float(kl), "mse": float(F.mse_loss(out.recon.detach(), images))}
         return loss, logs
+
+
+def plan_code_splits(model: DVAE, images: paddle.Tensor, out: DVAEOutput, dead: np.ndarray,
+                     rng: np.random.Generator, max_splits: int = 16) -> list:
+    """NOT DALL-E (DVAE.dead_code_steps > 0): pick, for each dead code k, a used code j to split.
+
+    A token position p is drawn with probability proportional to its reconstruction error (so
+    object tokens, not the background, get the new codes); j = ids[p] and f_p is the logits conv's
+    input there. Returns [(k, j, f_p, centre of j's features)] (none for a p whose features are
+    j's centre, e.g. the all-same background); `apply_code_splits` changes the weights (at the start of
+    the next step: doing it before this step's backward would change tensors its graph holds)."""
+    k_dead = np.flatnonzero(dead)
+    if k_dead.size == 0:
+        return []
+    if k_dead.size > max_splits:  # a few at a time: hundreds of codes die together early on
+        k_dead = rng.choice(k_dead, size=max_splits, replace=False)
+    with paddle.no_grad():
+        err = ((out.recon - images) ** 2).mean(axis=1, keepdim=True)
+        err = F.avg_pool2d(err, model.downsample_factor).flatten().numpy().astype("float64") + 1e-12
+        feats = model.encoder.head_features(map_pixels((images + 1.0) * 0.5))  # [B, C, h, w]
+        feats = feats.transpose([0, 2, 3, 1]).reshape([-1, feats.shape[1]]).numpy()
+    ids = out.ids.flatten().numpy()
+    pos = rng.choice(ids.size, size=k_dead.size, replace=ids.size < k_dead.size, p=err / err.sum())
+    splits = []
+    for k, p in zip(k_dead, pos):
+        j = int(ids[p])
+        centre = feats[ids == j].mean(axis=0)  # j's region in this batch
+        if float(((feats[p] - centre) ** 2).sum()) > 1e-6:  # p is not j's typical (e.g. background) token
+            splits.append((int(k), j, feats[p], centre))
+    return splits
+
+
+def apply_code_splits(model: DVAE, splits: list, margin: float = 1.0) -> None:
+    """Code k gets j's logits row and bias plus a linear term that is +margin/2 at f_p, -margin/2 at
+    the centre c of j's region and 0 half way (d = f_p - c: logit_k - logit_j = margin d.(f - m) /
+    |d|^2, m = (f_p + c) / 2), so k takes the part of j's region on f_p's side; and j's codebook
+    column, so the decoded image does not jump. The two then diverge under training. (A split
+    along f_p itself does not work: the features after the ReLU are non-negative, so k would beat
+    j nearly everywhere and simply replace it; the first shapes-world try lost codes that way.)"""
+    if not splits:
+        return
+    head, emb = model.encoder.blocks.output.conv, model.decoder.blocks.input
+    w, b, cb = head.w.numpy(), head.b.numpy(), emb.w.numpy()  # [K, C, 1, 1], [K], [d, K, 1, 1]
+    for k, j, fp, centre in splits:
+        d = fp - centre
+        scale = margin / float(d @ d)
+        w[k, :, 0, 0] = w[j, :, 0, 0] + scale * d
+        b[k] = b[j] - scale * float(d @ (fp + centre)) / 2.0
+        cb[:, k] = cb[:, j]
+    head.w.set_value(w)
+    head.b.set_value(b)
+    emb.w.set_value(cb)
 
 
 class DVAETrainModule(ImageTokenizerStage):
@@ -69,6 +128,9 @@ class DVAETrainModule(ImageTokenizerStage):
         self.cfg = cfg
         self.loss = DVAELoss(cfg.DVAE, cfg.VQ.downsample_factor)
         self._val_records = None
+        self._since_used = None  # steps since each code was last an argmax (dead_code_steps)
+        self._rng = None
+        self._pending_splits: list = []
 
     def build_model(self) -> DVAE:
         paddle.seed(self.cfg.Global.seed)
@@ -82,12 +144,27 @@ class DVAETrainModule(ImageTokenizerStage):
     def training_step(self, model: paddle.nn.Layer, batch: dict[str, Any], step: int
                       ) -> tuple[paddle.Tensor, dict[str, float]]:
         images = paddle.to_tensor(batch["images"], dtype="float32")
+        inner = getattr(model, "_layers", model)
+        if self._pending_splits:
+            apply_code_splits(inner, self._pending_splits)
+            self._pending_splits = []
         temperature, kl_weight = self.schedule(step)
         out = model(images, temperature, self.cfg.DVAE.straight_through)
         loss, logs = self.loss(images, out, kl_weight)
         counts = paddle.bincount(out.ids.flatten(), minlength=self.cfg.VQ.codebook_size)
         logs.update(temperature=temperature, kl_weight=kl_weight,
                     codes_used=float((counts > 0).astype("float32").mean()))
+        n_dead = self.cfg.DVAE.dead_code_steps
+        if n_dead > 0:  # not DALL-E; single process only (each rank would split its own codes)
+            if self._since_used is None:
+                self._since_used = np.zeros(self.cfg.VQ.codebook_size, dtype=np.int64)
+                self._rng = np.random.default_rng(self.cfg.Global.seed)
+            used = counts.numpy() > 0
+            self._since_used = np.where(used, 0, self._since_used + 1)
+            dead = self._since_used >= n_dead
+            self._pending_splits = plan_code_splits(inner, images, out, dead, self._rng)
+            self._since_used[[split[0] for split in self._pending_splits]] = 0
+            logs["codes_restarted"] = float(len(self._pending_splits))
         return loss, logs
 
     def save_extras(self, model: paddle.nn.Layer, ckpt_dir: Path) -> None:
