@@ -164,7 +164,8 @@ def evaluate_both_directions(ckpt: str | Path, shards_dir: str | Path, out_dir: 
         save_grid(outputs["images"][:64], out / "samples" / "grid.png")
     if "images_best" in outputs:
         save_grid(outputs["images_best"][:64], out / "samples" / f"grid_best_of_{num_candidates}.png")
-    for key, name in (("judgements", "judgements.jsonl"), ("judgements_best", f"judgements_best_of_{num_candidates}.jsonl")):
+    files = {"judgements": "judgements.jsonl", "judgements_best": f"judgements_best_of_{num_candidates}.jsonl"}
+    for key, name in files.items():
         if key in outputs:
             with (out / name).open("w", encoding="utf-8") as fh:
                 for row in outputs[key]:
