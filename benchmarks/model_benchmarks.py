@@ -3,6 +3,7 @@
     python benchmarks/model_benchmarks.py attention   # (a) blockwise sparse vs dense, train step
     python benchmarks/model_benchmarks.py kv_cache    # (b) image sampling, KV cache vs recompute
     python benchmarks/model_benchmarks.py throughput  # (c) shapes config: model FLOP/s vs matmul rate
+    python benchmarks/model_benchmarks.py mkl --grid 8 --threads 1  # (d) (c) with / without MKL's AVX2 path
     python benchmarks/model_benchmarks.py all
 
 (a) runs each attention implementation in its own subprocess; peak memory is the peak of Paddle's
@@ -180,9 +181,31 @@ def bench_throughput(args: argparse.Namespace) -> dict[str, Any]:
             "matmul_gflops": mm_flops / 1e9, "fraction_of_matmul_rate": model_flops / mm_flops}
 
 
+def bench_mkl(args: argparse.Namespace) -> dict[str, Any]:
+    """(c) in fresh processes with MKL's default code path (MKL_DEBUG_CPU_TYPE empty: MKL's own
+    choice, which `ernie_vilg.runtime.mkl_avx2_on_amd` leaves alone) and with its AVX2 path (5),
+    alternating over `--repeats` rounds. The ratio is what the package's import-time rule buys on
+    an AMD CPU; on Intel CPUs the rule does not fire and this comparison does not apply."""
+    runs: dict[str, list[dict[str, Any]]] = {"mkl_default": [], "mkl_avx2": []}
+    for _ in range(args.repeats):
+        for name, value in (("mkl_default", ""), ("mkl_avx2", "5")):
+            cmd = [sys.executable, __file__, "throughput", "--grid", str(args.grid), "--steps", str(args.steps),
+                   "--threads", str(args.threads)]
+            env = dict(os.environ, MKL_DEBUG_CPU_TYPE=value)
+            out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env)
+            runs[name].append(json.loads(out.stdout.strip().splitlines()[-1]))
+    summary: dict[str, Any] = {"benchmark": "mkl", "config": "configs/vilg/shapes.yaml", "grid": args.grid,
+                               "threads": runs["mkl_avx2"][0]["threads"], "batch": runs["mkl_avx2"][0]["batch"]}
+    for name, rs in runs.items():
+        summary[name] = {key: float(np.median([r[key] for r in rs])) for key in ("step_seconds", "matmul_gflops")}
+    summary["step_speedup"] = summary["mkl_default"]["step_seconds"] / summary["mkl_avx2"]["step_seconds"]
+    summary["matmul_speedup"] = summary["mkl_avx2"]["matmul_gflops"] / summary["mkl_default"]["matmul_gflops"]
+    return summary
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("which", choices=["attention", "kv_cache", "throughput", "all", "_attention_worker"])
+    p.add_argument("which", choices=["attention", "kv_cache", "throughput", "mkl", "all", "_attention_worker"])
     p.add_argument("--impl", default="dense")
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--hidden", type=int, default=256)
@@ -198,7 +221,8 @@ def main() -> None:
     if args.which == "_attention_worker":
         print(json.dumps(attention_worker(args)))
         return
-    jobs = {"attention": bench_attention, "kv_cache": bench_kv_cache, "throughput": bench_throughput}
+    jobs = {"attention": bench_attention, "kv_cache": bench_kv_cache, "throughput": bench_throughput,
+            "mkl": bench_mkl}
     for name, fn in jobs.items():
         if args.which in (name, "all"):
             print(json.dumps(fn(args)), flush=True)
