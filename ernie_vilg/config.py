@@ -220,7 +220,7 @@ class VQGANConfig:
 class DVAEConfig:
     """Gumbel-softmax relaxation of the dVAE (stage `dvae`, DALL-E) and of VQ.kind=vqgan_gumbel."""
 
-    recon_loss: str = "logit_laplace"  # "logit_laplace" (DALL-E) | "mse"
+    recon_loss: str = "logit_laplace"  # "logit_laplace" (DALL-E) | "mse" | "bce" (sigmoid cross-entropy)
     logit_laplace_eps: float = 0.1  # pixels are mapped into [eps, 1 - eps] (DALL-E map_pixels)
     temp_start: float = 1.0  # gumbel-softmax temperature, cosine-annealed (DALL-E: 1 -> 1/16)
     temp_end: float = 0.0625
@@ -232,6 +232,11 @@ class DVAEConfig:
     # dVAE stage only, NOT DALL-E: a code that was no position's argmax for this many steps takes
     # over part of a used code's region (dvae_module.split_dead_codes); 0 = off (DALL-E)
     dead_code_steps: int = 0
+    # dVAE stage only, NOT DALL-E, all off by default (dvae_module.py says why each exists):
+    kmeans_init_batches: int = 0  # k-means init of the logits layer on this many train batches (0 = off)
+    kmeans_logit_std: float = 10.0  # spread of the k-means-initialised logits over codes
+    encoder_freeze_steps: int = 0  # the encoder gets zero gradients for the first N steps
+    encoder_lr_scale: float = 1.0  # the encoder's lr multiplier
 
 
 @dataclass
