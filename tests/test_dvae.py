@@ -144,3 +144,84 @@ def test_dvae_stage_trains_and_checkpoint_loads(tmp_path, shapes_dir, norm):
     assert "judge_all" in result["val"] and np.isfinite(result["val"]["psnr"])
     loaded = load_image_tokenizer(result["checkpoint"])
     assert isinstance(loaded, DVAE) and loaded.cfg.dvae_logits_norm == norm
+
+
+def test_bce_recon_loss_is_zero_at_the_target_and_does_not_saturate():
+    from ernie_vilg.vq.dvae_module import sigmoid_cross_entropy
+    x = paddle.uniform([1, 3, 4, 4], min=-1, max=1)
+    x01 = (x + 1) / 2 * 0.8 + 0.1
+    mu = paddle.log(x01) - paddle.log(1 - x01)
+    exact = paddle.concat([mu, paddle.zeros_like(mu)], axis=1)
+    assert abs(float(sigmoid_cross_entropy(x, exact, 0.1))) < 1e-5
+    assert float(sigmoid_cross_entropy(x, exact + 0.5, 0.1)) > 1e-3
+    # a white target decoded at mu = -40 (sigmoid saturated): MSE on sigmoid(mu) has ~no gradient there
+    images = paddle.ones([1, 3, 2, 2])
+    stats = paddle.concat([paddle.full([1, 3, 2, 2], -40.0), paddle.zeros([1, 3, 2, 2])], axis=1)
+    stats.stop_gradient = False
+    out = DVAEOutput(logits=paddle.zeros([1, 16, 1, 1]), stats=stats, recon=DVAE.stats_to_image(stats),
+                     ids=paddle.zeros([1, 1, 1], "int64"))
+    loss, _ = DVAELoss(DVAEConfig(recon_loss="bce"), 4)(images, out, 0.0)
+    loss.backward()
+    assert float(stats.grad[:, :3].max()) < -0.5 / stats[:, :3].size  # d/dmu = (sigmoid(mu) - 0.9) / n
+
+
+def test_kmeans_init_makes_the_argmax_the_nearest_centroid():
+    from ernie_vilg.vq.dvae_module import kmeans_init_logits
+    paddle.seed(2)
+    model = DVAE(VQConfig(**TINY))
+    batches = [paddle.uniform([2, 3, 32, 32], min=-1, max=1) for _ in range(2)]
+    cent = kmeans_init_logits(model, batches, iters=5, seed=0, logit_std=5.0)
+    x = paddle.concat(batches)
+    feats = model.encoder.head_features(map_pixels((x + 1) * 0.5)).transpose([0, 2, 3, 1]).reshape([-1, 16]).numpy()
+    nearest = ((feats[:, None, :] - cent[None]) ** 2).sum(-1).argmin(axis=1)
+    logits = model.encoder_logits(x)
+    np.testing.assert_array_equal(paddle.argmax(logits, axis=1).numpy().ravel(), nearest)
+    assert len(np.unique(nearest)) > 8  # the centroids cover the batch, not one code
+    np.testing.assert_allclose(float(logits.std(axis=1).mean()), 5.0, rtol=1e-3)
+    cb = model.decoder.blocks.input.w.numpy()[:, :, 0, 0]  # [d, K]: the codebook follows the centroids
+    near = ((cent[:, None] - cent[None]) ** 2).sum(-1)
+    np.fill_diagonal(near, np.inf)
+    k, j = np.unravel_index(near.argmin(), near.shape)  # the two closest centroids ...
+    dist = ((cb[:, :, None] - cb[:, None, :]) ** 2).sum(0)
+    assert dist[k, j] < np.median(dist)  # ... have close embeddings
+
+
+def _kmeans_stage_cfg(tmp_path, shapes_dir, max_steps):
+    cfg = Config()
+    cfg.Global.stage, cfg.Global.output_dir = "dvae", str(tmp_path / "run")
+    cfg.VQ = VQConfig(**TINY)
+    cfg.DVAE = DVAEConfig(recon_loss="bce", straight_through=True, temp_end=1.0, kl_weight_end=0.0)
+    cfg.DVAE.kmeans_init_batches, cfg.DVAE.kmeans_logit_std = 2, 10.0
+    cfg.DVAE.encoder_freeze_steps, cfg.DVAE.encoder_lr_scale = 2, 0.1
+    cfg.Data.train_manifest, cfg.Data.val_manifest = str(shapes_dir / "train.jsonl"), str(shapes_dir / "val.jsonl")
+    cfg.Data.image_size, cfg.Data.batch_size = 32, 4
+    cfg.Train.max_steps, cfg.Train.eval_samples, cfg.Train.progress_bar = max_steps, 4, False
+    cfg.Train.save_every = 2
+    return cfg
+
+
+def test_kmeans_init_freeze_and_resume(tmp_path, shapes_dir, monkeypatch):
+    import ernie_vilg.vq.dvae_module as M
+    cfg = _kmeans_stage_cfg(tmp_path, shapes_dir, 2)
+    calls = []
+    real = M.kmeans_init_logits
+    monkeypatch.setattr(M, "kmeans_init_logits", lambda *a, **k: calls.append(1) or real(*a, **k))
+    trainer = Trainer(cfg, DVAETrainModule(cfg))
+    assert calls == [1]
+    enc0 = {k: v.numpy().copy() for k, v in trainer.inner.encoder.state_dict().items()}
+    dec0 = {k: v.numpy().copy() for k, v in trainer.inner.decoder.state_dict().items()}
+    assert all(p.optimize_attr["learning_rate"] == 0.1 for p in trainer.inner.encoder.parameters())
+    trainer.fit()  # steps 0, 1: encoder frozen, decoder trains
+    for k, v in trainer.inner.encoder.state_dict().items():
+        np.testing.assert_array_equal(v.numpy(), enc0[k])
+    assert any(not np.array_equal(v.numpy(), dec0[k]) for k, v in trainer.inner.decoder.state_dict().items())
+    saved = {k: v.numpy().copy() for k, v in trainer.inner.state_dict().items()}
+    # resume: no second k-means init; the saved (k-means-initialised) weights are what continues
+    cfg2 = _kmeans_stage_cfg(tmp_path, shapes_dir, 4)
+    cfg2.Train.resume = True
+    resumed = Trainer(cfg2, DVAETrainModule(cfg2))
+    assert calls == [1] and resumed.step == 2
+    for k, v in resumed.inner.state_dict().items():
+        np.testing.assert_array_equal(v.numpy(), saved[k])
+    resumed.fit()  # steps 2, 3: the encoder trains now
+    assert any(not np.array_equal(v.numpy(), enc0[k]) for k, v in resumed.inner.encoder.state_dict().items())

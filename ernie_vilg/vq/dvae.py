@@ -277,8 +277,13 @@ class DVAE(ImageTokenizer):
         """Images in [-1, 1] -> logits [B, K, h, w]."""
         return self.encoder(map_pixels((images + 1.0) * 0.5))
 
-    def forward(self, images: Tensor, temperature: float = 1.0, hard: bool = False) -> DVAEOutput:
+    def forward(self, images: Tensor, temperature: float = 1.0, hard: bool = False,
+                freeze_encoder: bool = False) -> DVAEOutput:
         logits = self.encoder_logits(images)
+        if freeze_encoder:  # NOT DALL-E (DVAE.encoder_freeze_steps): the decoder learns the codes first
+            # zero, not absent, gradients: Adam then keeps (zero) moments for the encoder, so a
+            # checkpoint saved inside the freeze resumes (Paddle refuses a state without them)
+            logits = logits.detach() + 0.0 * logits
         stats = self.decoder(relaxed_one_hot(logits, temperature, hard))
         return DVAEOutput(logits=logits, stats=stats, recon=self.stats_to_image(stats),
                           ids=paddle.argmax(logits, axis=1))
