@@ -376,7 +376,10 @@ def test_tiny_bidirectional_config_two_processes_via_train_tool(tmp_path):
     assert [r["max_difference"] for r in records if r["split"] == "replicas"] == [0.0]  # ranks in sync
     weights = load_model_state(list_checkpoints(two / "checkpoints")[-1])
     for key, value in one.inner.state_dict().items():
-        np.testing.assert_allclose(weights[key].numpy(), value.numpy(), rtol=1e-4, atol=1e-5, err_msg=key)
+        # atol: AdamW divides by sqrt(v), so an element whose gradient is ~0 turns a summation-order
+        # difference into ~1e-5 of weight after 4 steps (seen with MKL's AVX2 kernels on AMD, which
+        # block one batch of 8 and micro batches of 2 differently); a real bug moves weights by ~lr
+        np.testing.assert_allclose(weights[key].numpy(), value.numpy(), rtol=1e-4, atol=5e-5, err_msg=key)
     rows = compare_with_measured(two)
     assert len(rows) == 2
     for row in rows:  # each rank holds about half of the optimizer state, as planned
