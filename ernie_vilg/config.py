@@ -126,6 +126,8 @@ class ModelConfig:
     dropout: float = 0.0
     attention_impl: str = "sparse_blockwise"  # "dense" | "sparse_reference" | "sparse_blockwise"
     conv_kernel: int = 11  # convolutional attention kernel (last layer; odd)
+    # image-to-text with a question prefix (VQA): image tokens also see the question (sparse_masks.py)
+    image_sees_prefix: bool = False
     gelu_approximate: bool = False  # False = exact erf GELU, True = tanh approximation
     # additive value for masked scores: finite and fp16-safe (-inf gives NaN rows in fp16)
     mask_fill_value: float = -1.0e4

@@ -86,12 +86,15 @@ def run_prefixed(layer: SelfAttention, x: np.ndarray, layout: StreamLayout, grad
     return out.numpy(), grads
 
 
+@pytest.mark.parametrize("image_sees_prefix", [False, True])
 @pytest.mark.parametrize("kind", [LayerKind.ROW, LayerKind.COLUMN, LayerKind.CONV])
 @pytest.mark.parametrize("text_len,h,w,kernel", [c for c in CASES if c[0] >= 4])
-def test_blockwise_equals_reference_with_a_per_sample_text_prefix(kind, text_len, h, w, kernel) -> None:
+def test_blockwise_equals_reference_with_a_per_sample_text_prefix(kind, text_len, h, w, kernel,
+                                                                   image_sees_prefix) -> None:
     """Image-to-text with a question prefix (VQA): per-sample prefixes 0 .. L, whole stream and the
-    image + common-prefix segment that decoding prefills; outputs and gradients < 1e-5."""
-    layout = StreamLayout(Direction.IMG2TXT, text_len, h, w, kernel)
+    image + common-prefix segment that decoding prefills, with and without image rows seeing the
+    question; outputs and gradients < 1e-5."""
+    layout = StreamLayout(Direction.IMG2TXT, text_len, h, w, kernel, image_sees_prefix)
     ref, blk = make_pair(kind, kernel)
     rng = np.random.default_rng(7 * text_len + h)
     n = layout.num_image

@@ -169,6 +169,23 @@ def test_vqa_prefix_rules() -> None:
     np.testing.assert_array_equal(mask[src:, src:], np.tril(np.ones((L - P, L - P), dtype=bool)))
 
 
+def test_image_sees_prefix_opens_only_the_image_to_question_block() -> None:
+    """`image_sees_prefix`: image rows also see the question (P > 1) and nothing else changes;
+    the source still never sees the target; P <= 1 is captioning."""
+    plain = StreamLayout(Direction.IMG2TXT, L, H, W, K)
+    fused = StreamLayout(Direction.IMG2TXT, L, H, W, K, image_sees_prefix=True)
+    for kind in LayerKind:
+        for p in (0, 1):
+            np.testing.assert_array_equal(stream_mask(fused, kind, p), stream_mask(plain, kind, p))
+        P = 4
+        a, b = stream_mask(plain, kind, P), stream_mask(fused, kind, P)
+        assert b[:N, N:N + P].all() and not b[:N, N + P:].any()  # image -> question, never -> answer
+        np.testing.assert_array_equal(b[:N, :N], a[:N, :N])  # the sparse image pattern is kept
+        np.testing.assert_array_equal(b[N:], a[N:])  # text rows unchanged
+        assert not b[:N + P, N + P:].any()  # source -> target: nothing
+    np.testing.assert_array_equal(stream_mask(fused, LayerKind.ROW), stream_mask(plain, LayerKind.ROW))
+
+
 def test_text_rows_and_batched_masks_agree_with_the_stream_mask() -> None:
     from ernie_vilg.models.sparse_masks import batch_stream_masks, text_rows_mask
 

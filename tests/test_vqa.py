@@ -30,10 +30,11 @@ IMPLS = ("dense", "sparse_reference", "sparse_blockwise")
 G, L = 3, 10
 
 
-def tiny_model(impl: str = "sparse_blockwise", seed: int = 0) -> ErnieViLG:
+def tiny_model(impl: str = "sparse_blockwise", seed: int = 0, image_sees_prefix: bool = False) -> ErnieViLG:
     paddle.seed(seed)
     cfg = ModelConfig(num_layers=4, hidden_size=32, num_heads=4, conv_kernel=3, text_vocab_size=30,
-                      image_vocab_size=20, max_text_len=L, image_grid=G, init_std=0.3, attention_impl=impl)
+                      image_vocab_size=20, max_text_len=L, image_grid=G, init_std=0.3, attention_impl=impl,
+                      image_sees_prefix=image_sees_prefix)
     model = ErnieViLG(cfg)
     model.eval()
     return model
@@ -65,6 +66,28 @@ def test_question_is_bidirectional_and_never_sees_the_answer(impl: str) -> None:
     h3 = model.hidden_states(paddle.to_tensor(answer), paddle.to_tensor(IMAGES[:2]), Direction.IMG2TXT,
                              prefix).numpy()
     np.testing.assert_allclose(h3[:, :n + P + 1], h[:, :n + P + 1], atol=1e-6)  # source + first answer
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_image_sees_the_question_only_when_configured(impl: str) -> None:
+    """`Model.image_sees_prefix`: image rows change with the question, never with the answer; the
+    block-wise core equals the reference."""
+    text = rng.integers(5, 30, (2, L))
+    P, n = 4, G * G
+    prefix = np.array([P, P])
+    other_question, other_answer = text.copy(), text.copy()
+    other_question[:, 1] = 4
+    other_answer[:, P:] = 7
+    model = tiny_model(impl, image_sees_prefix=True)
+    h = lambda t: model.hidden_states(paddle.to_tensor(t), paddle.to_tensor(IMAGES[:2]), Direction.IMG2TXT,
+                                      prefix).numpy()
+    base = h(text)
+    assert np.abs(h(other_question)[:, :n] - base[:, :n]).max() > 1e-4  # early fusion
+    np.testing.assert_allclose(h(other_answer)[:, :n + P], base[:, :n + P], atol=1e-6)  # source only
+    if impl == "sparse_blockwise":  # same seed, same weights: the two sparse cores agree
+        ref = tiny_model("sparse_reference", image_sees_prefix=True)
+        np.testing.assert_allclose(ref.hidden_states(paddle.to_tensor(text), paddle.to_tensor(IMAGES[:2]),
+                                                     Direction.IMG2TXT, prefix).numpy(), base, atol=1e-5)
 
 
 def test_prefix_zero_forward_is_the_caption_forward() -> None:
@@ -114,8 +137,9 @@ def test_vqa_loss_is_the_mean_nll_of_the_answer_tokens() -> None:
 
 # ------------------------------------------------------------------------------ decoding
 @pytest.mark.parametrize("impl", IMPLS)
-def test_cached_and_uncached_answer_logits_match(impl: str) -> None:
-    model = tiny_model(impl)
+@pytest.mark.parametrize("image_sees_prefix", [False, True])
+def test_cached_and_uncached_answer_logits_match(impl: str, image_sees_prefix: bool) -> None:
+    model = tiny_model(impl, image_sees_prefix=image_sees_prefix)
     cached = CachedStepper(model, Direction.IMG2TXT, L)
     full = FullStepper(model, Direction.IMG2TXT, pad_id=0, text_len=L)
     src = IMAGES.reshape(3, -1)
@@ -126,8 +150,9 @@ def test_cached_and_uncached_answer_logits_match(impl: str) -> None:
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-def test_greedy_and_beam_answers_are_identical_with_and_without_cache(impl: str) -> None:
-    model = tiny_model(impl, seed=3)
+@pytest.mark.parametrize("image_sees_prefix", [False, True])
+def test_greedy_and_beam_answers_are_identical_with_and_without_cache(impl: str, image_sees_prefix: bool) -> None:
+    model = tiny_model(impl, seed=3, image_sees_prefix=image_sees_prefix)
     greedy = [generate_answer_tokens(model, IMAGES, QUESTIONS, SPECIALS, SamplingParams(), use_cache=c)
               for c in (True, False)]
     assert greedy[0] == greedy[1]

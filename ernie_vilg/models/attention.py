@@ -16,8 +16,9 @@ one pass before incremental decoding). `step` attends one new target token to th
 
 `text_prefix` (int64 [B], image-to-text only; None = captioning) makes the first P_b text
 positions of sample b source (generative VQA: `[CLS] question [SEP]`); the source segment is then
-image + question, n + P positions (every sample of a decoding batch has the same P). Only the
-text query rows change (`sparse_masks.text_rows_mask`); image rows keep their pattern.
+image + question, n + P positions (every sample of a decoding batch has the same P). The text
+query rows change (`sparse_masks.text_rows_mask`); image rows keep their pattern and, only with
+`layout.image_sees_prefix`, also see the question keys (`sparse_masks.image_rows_prefix_keys`).
 """
 from __future__ import annotations
 
@@ -36,6 +37,7 @@ from ernie_vilg.models.sparse_masks import (
     batch_stream_masks,
     causal_square,
     conv_halo_tiles,
+    image_rows_prefix_keys,
     stream_mask,
     text_rows_mask,
     to_additive,
@@ -178,7 +180,19 @@ def blockwise_attention(q: Tensor, k: Tensor, v: Tensor, layout: StreamLayout, k
     else:
         q_i, k_i, v_i = q_a, k_a, v_a
         nb = _Neighbourhood(kind, layout, k_i, v_i, causal=False, fill_value=fill_value)
-        outs.append(nb.attend(F.softmax(nb.scores(q_i), axis=-1)))  # image: bidirectional, no text
+        seen = None
+        if layout.image_sees_prefix and text_prefix is not None and T > n:
+            seen = image_rows_prefix_keys(T - n, text_prefix)  # [B, T - n]
+            width = int(seen.sum(axis=1).max())  # keys past the longest prefix are never seen
+        if seen is None or width == 0:
+            outs.append(nb.attend(F.softmax(nb.scores(q_i), axis=-1)))  # image: bidirectional, no text
+        else:  # image: its neighbourhood + the question keys, one softmax (as text-to-image's image rows)
+            k_q, v_q = k_b[:, :, :width], v_b[:, :, :width]
+            additive = to_additive(seen[:, :width], fill_value, q.dtype).reshape([-1, 1, 1, width])
+            s_text = paddle.matmul(q_i, k_q, transpose_y=True) + additive  # [B, H, n, width]
+            probs = F.softmax(paddle.concat([s_text, nb.scores(q_i)], axis=-1), axis=-1)
+            p_text, p_img = paddle.split(probs, [width, probs.shape[-1] - width], axis=-1)
+            outs.append(paddle.matmul(p_text, v_q) + nb.attend(p_img))
         if T > n:
             # text rows: every image key + causal text (+ the prefix); the mask is only
             # [Lt, n + Lt], or [B, 1, Lt, n + Lt] with a per-sample prefix

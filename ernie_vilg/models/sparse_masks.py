@@ -30,9 +30,13 @@ tokens; image source: all image tokens).
 Text prefix (generative VQA, paper sec. 4.4). In image-to-text, a per-sample prefix of P text
 positions (`[CLS] question [SEP]`) may join the source: prefix tokens see every image token and
 every prefix token (bidirectional among themselves), answer tokens see the image, the whole
-prefix and the answers to their left. Image tokens keep their pattern and never see text, so the
-image part of every layer is the same as in captioning; only the [L, L] text block changes, to
-`causal | key < P`. P = 0 (or 1: only [CLS]) is exactly captioning. Because the prefix rule keeps
+prefix and the answers to their left. By default image tokens keep their pattern and never see
+text, so the image part of every layer is the same as in captioning; only the [L, L] text block
+changes, to `causal | key < P`. P = 0 (or 1: only [CLS]) is exactly captioning.
+`StreamLayout.image_sees_prefix` (`Model.image_sees_prefix`) applies UniLM's source rule to the
+image too: image tokens also see the P question positions (besides their sparse image pattern), so
+the image is read with the question in mind from the first layer on (early fusion; the question
+still sees the whole image either way). With P <= 1 it is again captioning. Because the prefix rule keeps
 the source in the top-left corner of the mask (a prefix token never sees a position >= n + P),
 image + question are encoded in one pass before the answer is decoded, and a decoding step sees
 every earlier position, as in captioning (`visible_keys` is unchanged).
@@ -92,6 +96,8 @@ class StreamLayout:
     grid_h: int
     grid_w: int
     conv_kernel: int = 11  # k of the conv layer (odd)
+    # image-to-text with a text prefix only: image tokens also see the prefix (source) positions
+    image_sees_prefix: bool = False
 
     def __post_init__(self) -> None:
         if self.conv_kernel % 2 != 1:
@@ -240,10 +246,20 @@ def stream_mask(layout: StreamLayout, kind: LayerKind, text_prefix: int = 0) -> 
         mask[i, t] = True  # target image sees all source text
         mask[i, i] = img
     else:
-        mask[i, i] = img  # source image: bidirectional neighbourhood, no text
+        mask[i, i] = img  # source image: bidirectional neighbourhood
+        if layout.image_sees_prefix:  # ... and the question
+            mask[i, t] = image_rows_prefix_keys(L, np.array([text_prefix]))[0]
         mask[t, i] = True  # target text sees every image token
         mask[t, t] = prefix_text_square(L, text_prefix)
     return mask
+
+
+def image_rows_prefix_keys(text_len: int, text_prefix: np.ndarray) -> np.ndarray:
+    """bool [B, text_len]: the text keys every image query of sample b sees under
+    `image_sees_prefix`: the first text_prefix[b] positions, none when the prefix is only [CLS]
+    (P <= 1 stays captioning)."""
+    prefix = np.asarray(text_prefix, dtype=np.int64).reshape(-1, 1)
+    return np.arange(text_len)[None, :] < np.where(prefix > 1, prefix, 0)
 
 
 def text_rows_mask(num_image: int, text_len: int, text_prefix: np.ndarray | None = None) -> np.ndarray:

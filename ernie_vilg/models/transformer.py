@@ -66,7 +66,8 @@ def stream_layout(cfg: ModelConfig, direction: Direction, text_len: int | None =
     text_len = cfg.max_text_len if text_len is None else text_len
     if not 2 <= text_len <= cfg.max_text_len:
         raise ValueError(f"text length {text_len} is outside [2, Model.max_text_len={cfg.max_text_len}]")
-    return StreamLayout(Direction(direction), text_len, cfg.image_grid, cfg.image_grid, cfg.conv_kernel)
+    return StreamLayout(Direction(direction), text_len, cfg.image_grid, cfg.image_grid, cfg.conv_kernel,
+                        cfg.image_sees_prefix)
 
 
 class MLP(nn.Layer):
