@@ -233,3 +233,38 @@ def test_random_text_picks_a_reference_deterministically(tmp_path):
     b = texts(StreamingTokenLoader(tmp_path, 1, seed=2, buffer_size=4, random_text=True))
     assert a == b
     assert all(t[1:] == str(i) for i, t in a) and {t[0] for _, t in a} == {"a", "b", "c"}
+
+
+def test_linked_folders_read_all_rows_in_order_and_refuse_mismatches(tmp_path):
+    """tools/combine_shards.py: one folder over several (symlinks), same rows in source order; a
+    second tokenizer's grid or an existing output folder is refused by name."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from ernie_vilg.data.parallel_tokenize import link_shard_folders
+    from ernie_vilg.data.token_shards import TokenShards
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    make_folder(a, n=7, shard_size=4)
+    make_folder(b, n=5, shard_size=4)  # same shard file names as a
+    info = link_shard_folders([a, b], tmp_path / "ab")
+    assert info["count"] == 12 and len(info["shards"]) == 4 and info["grid"] == GRID
+    rows = TokenShards(tmp_path / "ab")
+    assert [rows[i].text for i in range(12)] == [f"t{i}" for i in range(7)] + [f"t{i}" for i in range(5)]
+    np.testing.assert_array_equal(rows.ids(8), np.full((GRID, GRID), 1))
+    with pytest.raises(TokenShardError, match="already a token shard folder"):
+        link_shard_folders([a], tmp_path / "ab")
+    w = TokenShardWriter(tmp_path / "g3", GRID + 1, K, shard_size=4)
+    w.add(np.zeros((GRID + 1, GRID + 1)), "x", ["x"], {})
+    w.close()
+    with pytest.raises(TokenShardError, match="grid"):
+        link_shard_folders([a, tmp_path / "g3"], tmp_path / "bad")
+    tool = Path(__file__).resolve().parents[1] / "tools" / "combine_shards.py"
+    out = subprocess.run([sys.executable, str(tool), str(a), str(tmp_path / "missing"), "--out", str(tmp_path / "c")],
+                         capture_output=True, text=True)
+    assert out.returncode != 0 and "missing/info.json: not found" in out.stderr
+    out = subprocess.run([sys.executable, str(tool), str(b), str(a), "--out", str(tmp_path / "ba")],
+                         capture_output=True, text=True, check=True)
+    assert json.loads(out.stdout.strip().splitlines()[-1])["count"] == 12
+    assert TokenShards(tmp_path / "ba")[5].text == "t0"

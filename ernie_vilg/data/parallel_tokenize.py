@@ -19,7 +19,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-from ernie_vilg.data.token_shards import FORMAT, TokenShardError, _atomic_write_text
+from ernie_vilg.data.token_shards import FORMAT, TokenShardError, _atomic_write_text, read_shard_info
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +120,19 @@ def _tokenize_slice(job: dict[str, Any]) -> dict[str, Any]:
             "image_size": size, "tokenizer_ckpt": str(ckpt_dir.resolve())}
 
 
+def _compatible_infos(folders: Sequence[str | Path], out: Path) -> list[dict[str, Any]]:
+    """The info.json of every folder; TokenShardError unless grid, codebook size and dtype agree."""
+    infos = [read_shard_info(p) for p in folders]
+    if not infos:
+        raise TokenShardError(f"{out}: no shard folders to merge")
+    first = infos[0]
+    for p, info in zip(folders, infos):
+        for key in ("grid", "codebook_size", "dtype"):
+            if info[key] != first[key]:
+                raise TokenShardError(f"{p}/info.json: {key} {info[key]!r} differs from {first[key]!r}")
+    return infos
+
+
 def merge_shard_infos(parts: Sequence[str | Path], out: str | Path,
                       extra: Optional[dict[str, Any]] = None) -> dict[str, Any]:
     """Move the shard files of several part folders (each with its own info.json, distinct
@@ -127,16 +140,8 @@ def merge_shard_infos(parts: Sequence[str | Path], out: str | Path,
     the part folders. Grid, codebook size and dtype must agree."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    infos = [json.loads((Path(p) / "info.json").read_text(encoding="utf-8")) for p in parts]
-    if not infos:
-        raise TokenShardError(f"{out}: no parts to merge")
+    infos = _compatible_infos(parts, out)
     first = infos[0]
-    for p, info in zip(parts, infos):
-        if info.get("format") != FORMAT:
-            raise TokenShardError(f"{p}/info.json: format is {info.get('format')!r}, expected {FORMAT!r}")
-        for key in ("grid", "codebook_size", "dtype"):
-            if info[key] != first[key]:
-                raise TokenShardError(f"{p}/info.json: {key} {info[key]!r} differs from {first[key]!r}")
     shards: list[dict[str, Any]] = []
     for p, info in zip(parts, infos):
         for s in info["shards"]:
@@ -151,6 +156,36 @@ def merge_shard_infos(parts: Sequence[str | Path], out: str | Path,
     _atomic_write_text(out / "info.json", json.dumps(merged, ensure_ascii=False, indent=1))
     for p in parts:
         shutil.rmtree(p, ignore_errors=True)
+    return merged
+
+
+def link_shard_folders(sources: Sequence[str | Path], out: str | Path) -> dict[str, Any]:
+    """One shard folder `out` that reads several finished ones in the given order (e.g. a data set
+    and fresh images tokenized later with the same tokenizer): symlinks to their shard files
+    (renamed `sKKK-<name>` so equal names cannot clash) and one info.json. The sources are left
+    as they are. Grid, codebook size and dtype must agree; info keys on which all sources agree
+    (tokenizer_ckpt, image_size, ...) are kept, and `sources` lists the folders."""
+    out = Path(out)
+    if (out / "info.json").exists():
+        raise TokenShardError(f"{out}: already a token shard folder (choose a new --out)")
+    infos = _compatible_infos(sources, out)
+    out.mkdir(parents=True, exist_ok=True)
+    shards: list[dict[str, Any]] = []
+    for k, (src, info) in enumerate(zip(sources, infos)):
+        for shard in info["shards"]:
+            entry = dict(shard)
+            for key in ("ids", "meta"):
+                target = (Path(src) / shard[key]).resolve()
+                if not target.is_file():
+                    raise TokenShardError(f"{target}: listed in {src}/info.json but missing")
+                entry[key] = f"s{k:03d}-{shard[key]}"
+                (out / entry[key]).symlink_to(target)
+            shards.append(entry)
+    common = {key: value for key, value in infos[0].items()
+              if key not in ("shards", "count") and all(i.get(key) == value for i in infos[1:])}
+    merged = {**common, "count": sum(s["count"] for s in shards), "shards": shards,
+              "sources": [str(Path(p).resolve()) for p in sources]}
+    _atomic_write_text(out / "info.json", json.dumps(merged, ensure_ascii=False, indent=1))  # last
     return merged
 
 
