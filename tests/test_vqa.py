@@ -300,3 +300,25 @@ def test_tiny_vqa_training_and_tool(tmp_path: Path) -> None:
     proc = subprocess.run([sys.executable, str(REPO / "tools/vqa.py"), "--ckpt", str(run)],
                           capture_output=True, text=True, cwd=REPO, timeout=120)
     assert proc.returncode == 2
+
+
+def test_vqa_breakdown_counts_by_kind_objects_and_where_errors() -> None:
+    """benchmarks/vqa_breakdown.py: right / total per (kind, objects); a wrong "where" naming
+    another object's cell (here the raster-first one) is counted as such."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("vqa_breakdown", REPO / "benchmarks" / "vqa_breakdown.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    objs = [{"cell": [0, 0], "position": "左上"}, {"cell": [2, 2], "position": "右下"}]
+    scenes = {"a.png": {"attrs": {"objects": objs}}, "b.png": {"attrs": {"objects": objs[:1]}}}
+    questions = [{"image": "images/a.png", "qtype": "where", "answer": "右下"},
+                 {"image": "images/a.png", "qtype": "count", "answer": "两个"},
+                 {"image": "images/b.png", "qtype": "where", "answer": "左上"}]
+    answers = [{"answer": "左上"}, {"answer": "两个"}, {"answer": "左上"}]
+    out = mod.breakdown(answers, questions, scenes)
+    assert out["by_kind_objects"] == {("where", 2): [0, 1], ("count", 2): [1, 1], ("where", 1): [1, 1]}
+    assert out["by_objects"] == {2: [1, 2], 1: [1, 1]}
+    assert out["where_wrong"] == {"wrong": 1, "names_another_object": 1, "names_raster_first": 1}
+    with pytest.raises(ValueError, match="not the same run"):
+        mod.breakdown(answers[:2], questions, scenes)
