@@ -2,7 +2,8 @@
 
 Stream and masks (`sparse_masks.py`): `[z_1..z_n, [CLS] question [SEP] answer [SEP] [PAD]..]`.
 The image and `[CLS] question [SEP]` (P text positions, per sample) are the source: the question
-is bidirectional and sees the whole image, image tokens keep their sparse pattern. The answer is
+is bidirectional and sees the whole image, image tokens keep their sparse pattern (and, with
+`Model.image_sees_prefix`, also see the question). The answer is
 the causal target and the loss covers only its tokens (answer + its [SEP]), never the question or
 the padding (`answer_loss_mask`).
 
