@@ -124,3 +124,30 @@ def test_warmup_then_cosine():
     lrs = [learning_rate(s, cfg) for s in range(15)]
     assert lrs[0] == pytest.approx(0.25) and lrs[3] == pytest.approx(1.0)
     assert lrs[4] == pytest.approx(1.0) and lrs[9] == pytest.approx(0.55) and lrs[14] == pytest.approx(0.1)
+
+
+def test_validate_gets_the_users_layer_not_the_distributed_wrapper(tmp_path):
+    """Fleet wraps the model (`_layers`) under dp / sharding; validation decodes through the
+    model's own methods and attributes, which a wrapper does not forward, so it gets the inner layer."""
+
+    class Wrapper(paddle.nn.Layer):  # stands in for paddle.DataParallel / Fleet's ShardingParallel
+        def __init__(self, layers):
+            super().__init__()
+            self._layers = layers
+
+        def forward(self, *args):
+            return self._layers(*args)
+
+    seen = []
+
+    class RecordingStage(LinearStage):
+        def validate(self, model, step):
+            seen.append(model)
+            return {"val_metric": float(step)}
+
+    cfg = make_cfg(tmp_path, 2, **{"Train.eval_every": 2})
+    trainer = Trainer(cfg, RecordingStage(cfg))
+    trainer.model = Wrapper(trainer.inner)
+    trainer.fit()
+    assert seen and all(m is trainer.inner for m in seen)
+    assert [r["val_metric"] for r in trainer.history if r.get("split") == "val"][-1] == 2.0

@@ -39,7 +39,8 @@ class TrainModule(Protocol):
         """Forward pass: (scalar loss to minimise, float logs such as per-direction losses)."""
 
     def validate(self, model: paddle.nn.Layer, step: int) -> dict[str, float]:
-        """Periodic validation metrics (model is in eval mode, no grad)."""
+        """Periodic validation metrics (model is in eval mode, no grad). `model` is the layer
+        `build_model` returned, never a distributed wrapper, so generation helpers can use it."""
 
     def save_extras(self, model: paddle.nn.Layer, ckpt_dir: Path) -> None:
         """Write what a `--ckpt DIR` loader needs besides weights + config (vocab, tokenizer ref)."""

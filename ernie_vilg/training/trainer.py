@@ -326,7 +326,9 @@ class Trainer:
     def validate(self) -> dict[str, float]:
         self.model.eval()
         with paddle.no_grad():
-            metrics = self.module.validate(self.model, self.step)
+            # the user's layer: validation decodes through model.cfg / prefill / step, which Fleet's
+            # DataParallel / sharding wrappers do not forward (a dp 2 VQA run died at its first eval)
+            metrics = self.module.validate(self.inner, self.step)
         self.model.train()
         self._log({"step": self.step, "split": "val", **metrics})
         if self.rank == 0:
