@@ -169,8 +169,8 @@ def link_shard_folders(sources: Sequence[str | Path], out: str | Path) -> dict[s
     if (out / "info.json").exists():
         raise TokenShardError(f"{out}: already a token shard folder (choose a new --out)")
     infos = _compatible_infos(sources, out)
-    out.mkdir(parents=True, exist_ok=True)
     shards: list[dict[str, Any]] = []
+    links: list[tuple[str, Path]] = []
     for k, (src, info) in enumerate(zip(sources, infos)):
         for shard in info["shards"]:
             entry = dict(shard)
@@ -179,8 +179,11 @@ def link_shard_folders(sources: Sequence[str | Path], out: str | Path) -> dict[s
                 if not target.is_file():
                     raise TokenShardError(f"{target}: listed in {src}/info.json but missing")
                 entry[key] = f"s{k:03d}-{shard[key]}"
-                (out / entry[key]).symlink_to(target)
+                links.append((entry[key], target))
             shards.append(entry)
+    out.mkdir(parents=True, exist_ok=True)  # every target checked first: a bad source leaves no links
+    for name, target in links:
+        (out / name).symlink_to(target)
     common = {key: value for key, value in infos[0].items()
               if key not in ("shards", "count") and all(i.get(key) == value for i in infos[1:])}
     merged = {**common, "count": sum(s["count"] for s in shards), "shards": shards,
