@@ -112,6 +112,9 @@ class TrainConfig:
     progress_bar: bool = True
     # stop the job after this many consecutive steps with a non-finite loss or gradient
     max_consecutive_skips: int = 5
+    # classifier-free guidance (models/guidance.py, docs/guidance.md): each sample's condition is
+    # replaced by a null one with this probability, per direction (vilg stage; 0 = never)
+    cond_drop: float = 0.0
 
 
 @dataclass
@@ -177,6 +180,10 @@ class GenerationConfig:
     length_penalty: float = 1.0
     max_text_len: int = 32
     decode_strategy: str = "greedy"  # "greedy" | "beam" | "sampling" (image-to-text)
+    # classifier-free guidance (docs/guidance.md): logits = uncond + s * (cond - uncond); 1 = off.
+    # Needs a model trained with Train.cond_drop > 0 to know its unconditional distribution.
+    cfg_scale: float = 1.0  # text-to-image sampling
+    caption_cfg_scale: float = 1.0  # image-to-text decoding (captions want little or none)
 
 
 @dataclass

@@ -20,6 +20,7 @@ import numpy as np
 import paddle
 
 from ernie_vilg.config import Config, ConfigError
+from ernie_vilg.models.guidance import I2T_IMAGE_KEY, T2I_TEXT_KEY, ConditionDropper
 from ernie_vilg.models.losses import VilgCriterion
 from ernie_vilg.models.sparse_masks import Direction
 from ernie_vilg.models.transformer import ErnieViLG
@@ -250,12 +251,20 @@ class VilgTrainModule:
 
     def losses(self, model: ErnieViLG, batch: dict[str, paddle.Tensor]):
         text_ids, image_ids = batch["text_ids"], batch["image_ids"]
-        image_logits = model(text_ids, image_ids, Direction.TXT2IMG)
-        text_logits = model(text_ids, image_ids, Direction.IMG2TXT)
+        # classifier-free guidance (models/guidance.py): each stream may get its own, partly
+        # nulled, condition; the targets are always the real image / text
+        image_logits = model(batch.get(T2I_TEXT_KEY, text_ids), image_ids, Direction.TXT2IMG)
+        text_logits = model(text_ids, batch.get(I2T_IMAGE_KEY, image_ids), Direction.IMG2TXT)
         return self.criterion(image_logits, image_ids, text_logits, text_ids)
 
     def training_step(self, model: ErnieViLG, batch: dict[str, paddle.Tensor], step: int
                       ) -> tuple[paddle.Tensor, dict[str, float]]:
+        if self.cfg.Train.cond_drop > 0:  # null conditions for classifier-free guidance
+            if getattr(self, "_cond_dropper", None) is None:
+                tok = self.text_tokenizer
+                self._cond_dropper = ConditionDropper(self.cfg.Train.cond_drop, self.cfg.Global.seed, tok.cls_id,
+                                                      tok.sep_id, tok.pad_id, paddle.distributed.get_rank())
+            batch = self._cond_dropper(batch, step)
         loss = self.losses(model, batch)
         return loss.total, {"loss_txt2img": float(loss.txt2img), "loss_img2txt": float(loss.img2txt)}
 

@@ -35,6 +35,7 @@ import paddle.nn.functional as F
 
 from ernie_vilg.config import ModelConfig
 from ernie_vilg.models.attention import SelfAttention
+from ernie_vilg.models.guidance import NULL_IMAGE_ID
 from ernie_vilg.models.sparse_masks import (
     Direction,
     LayerKind,
@@ -152,6 +153,12 @@ class ErnieViLG(nn.Layer):
         self.ln_f = nn.LayerNorm(d, epsilon=cfg.layer_norm_eps)
         self.head_txt = TiedHead(self.tok_emb_txt.weight)
         self.head_img = TiedHead(self.tok_emb_img.weight)
+        # classifier-free guidance (models/guidance.py): the embedding of NULL_IMAGE_ID, a row
+        # outside tok_emb_img so the tied head can never predict it. Created last and zero-init
+        # (no RNG draw), so every other parameter initialises exactly as before it existed.
+        self.null_img_emb = self.create_parameter([d], default_initializer=nn.initializer.Constant(0.0))
+        # keys a checkpoint may lack (written before they existed): loaders keep their init, with a warning
+        self.optional_state_keys = ("null_img_emb",)
 
     # ---------------------------------------------------------------- embeddings
     def layout(self, direction: Direction, text_len: int | None = None) -> StreamLayout:
@@ -166,7 +173,12 @@ class ErnieViLG(nn.Layer):
         """image_ids [B, t] at raster positions [start, start + t) -> [B, t, d]."""
         raster = paddle.arange(start, start + image_ids.shape[1])
         rows, cols = raster // self.cfg.image_grid, raster % self.cfg.image_grid
-        return self.tok_emb_img(image_ids) + self.pos_emb_row(rows) + self.pos_emb_col(cols)
+        # NULL_IMAGE_ID (-1) takes null_img_emb; always through `where` (no data-dependent branch),
+        # so null_img_emb is in every graph (DataParallel needs each parameter used) and static export works
+        null = (image_ids == NULL_IMAGE_ID).unsqueeze(-1)  # [B, t, 1]
+        tok = self.tok_emb_img(paddle.clip(image_ids, min=0))
+        tok = paddle.where(null.expand_as(tok), self.null_img_emb.expand_as(tok), tok)
+        return tok + self.pos_emb_row(rows) + self.pos_emb_col(cols)
 
     def _direction(self, x: Tensor, layout: StreamLayout) -> Tensor:
         return self.drop(x + self.dir_emb.weight[layout.direction.index])
@@ -308,6 +320,7 @@ def num_params(cfg: ModelConfig, include_embeddings: bool = True) -> int:
     if include_embeddings:
         total += (cfg.text_vocab_size + cfg.image_vocab_size) * d  # token embeddings = head weights
         total += (cfg.max_text_len + 2 * cfg.image_grid + 2) * d  # text / row / column / direction
+        total += d  # null_img_emb (classifier-free guidance)
         total += cfg.text_vocab_size + cfg.image_vocab_size  # head biases
     return total
 

@@ -234,7 +234,13 @@ def init_from_vilg(model: ErnieViLG, ckpt: str | Path, vocab: Sequence[str]) -> 
     state = load_model_state(ckpt_dir)
     own = model.state_dict()
     new_state, counts = {}, {"copied": 0, "vocab_rows": len(rows), "partial": 0}
+    from ernie_vilg.training.checkpoint import optional_state_keys
+
+    optional = optional_state_keys(model)
     for key, target in own.items():
+        if key not in state and key in optional:  # an older checkpoint: keeps its initial value
+            log.warning("VQA.init_from=%s: no %s in the checkpoint, keeping its initial value", ckpt, key)
+            continue
         if key not in state:
             raise ConfigError(f"VQA.init_from={ckpt}: the checkpoint has no {key} (not a vilg checkpoint?)")
         src = np.asarray(state[key].numpy() if hasattr(state[key], "numpy") else state[key])

@@ -22,6 +22,7 @@ from outside (use `ernie_vilg.convert` readers for those).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -320,10 +321,28 @@ def load_model_state(ckpt: Path) -> dict[str, Any]:
         raise CheckpointError(f"{ckpt / 'model.pdparams'}: cannot load ({type(exc).__name__}: {exc})") from None
 
 
+def optional_state_keys(model: paddle.nn.Layer) -> set[str]:
+    """State keys a checkpoint may lack: those a layer lists in its `optional_state_keys`
+    (parameters added after checkpoints had been written, e.g. ErnieViLG.null_img_emb)."""
+    out: set[str] = set()
+    for prefix, layer in model.named_sublayers(include_self=True):
+        for key in getattr(layer, "optional_state_keys", ()):
+            out.add(f"{prefix}.{key}" if prefix else key)
+    return out
+
+
 def set_model_state(model: paddle.nn.Layer, state: dict[str, Any], ckpt: Path) -> None:
-    """Load weights strictly: a missing, unexpected or mis-shaped key is an error naming it."""
+    """Load weights strictly: a missing, unexpected or mis-shaped key is an error naming it.
+
+    Only the model's `optional_state_keys` may be missing (an older checkpoint): they keep their
+    initial value and a warning names them."""
     own = model.state_dict()
-    missing = sorted(set(own) - set(state))
+    tolerated = sorted((set(own) - set(state)) & optional_state_keys(model))
+    if tolerated:
+        logging.getLogger(__name__).warning(
+            "%s: no %s in the checkpoint (written before it existed): keeping its initial value",
+            ckpt, ", ".join(tolerated))
+    missing = sorted(set(own) - set(state) - set(tolerated))
     unexpected = sorted(set(state) - set(own))
     if missing or unexpected:
         raise CheckpointError(
