@@ -7,12 +7,16 @@ numbers describe exactly what stage 2 will see and produce:
   * `perplexity` / `codes_used`: code histogram over all tokens of the evaluated images;
   * `judge_<attr>` (incl. `judge_all`): the shapes-world judge's accuracy on the reconstructions,
     against the ground truth in each manifest line's `attrs` field. Skipped when lines lack it.
+
+`judge_gold_reconstructions` is the tokenizer's ceiling for text-to-image: it decodes given gold
+token grids (e.g. the token shards stage 2 trains on) and judges them, so no generator that emits
+these tokens can score higher (`benchmarks/tokenizer_ceiling.py`).
 """
 from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 import paddle
@@ -84,3 +88,59 @@ def evaluate_manifest(
     if max_images is not None:
         records = records[:max_images]
     return evaluate_records(tokenizer, records, image_size, batch_size, with_judge)
+
+
+GOLD_PREFIX = "judge_gold_"
+
+
+def judge_gold_reconstructions(
+    tokenizer: ImageTokenizer,
+    image_ids: Union[np.ndarray, Sequence[np.ndarray]],
+    claims: Sequence[Union[str, dict[str, Any]]],
+    batch_size: int = 32,
+    return_results: bool = False,
+) -> Union[dict[str, float], tuple[dict[str, float], list[Any]]]:
+    """Decode gold token grids and judge each image against its claim.
+
+    `image_ids`: [N, h, w] integer ids (an array or N arrays of [h, w]); `claims`: N ground-truth
+    `attrs` dicts (as in a shapes manifest line) or N captions (parsed by `parse_caption`).
+    Returns the judge's image-level accuracies with keys `judge_gold_shape`, `_colour`,
+    `_position`, `_size`, `_count`, `_all`, the object-level `judge_gold_object_*` and
+    `judge_gold_n`; with `return_results` also the per-image `JudgeResult`s (for breakdowns).
+    """
+    from ernie_vilg.data.shapes_judge import judge_accuracy, judge_image
+
+    ids = np.stack([np.asarray(row) for row in image_ids]) if not isinstance(image_ids, np.ndarray) else image_ids
+    if ids.ndim != 3:
+        raise ValueError(f"judge_gold_reconstructions: image_ids must be [N, h, w], got shape {ids.shape}")
+    if len(ids) != len(claims):
+        raise ValueError(f"judge_gold_reconstructions: {len(ids)} token grids but {len(claims)} claims")
+    if len(ids) == 0:
+        raise ValueError("judge_gold_reconstructions: nothing to judge")
+    if not np.issubdtype(ids.dtype, np.integer):
+        raise TypeError(f"judge_gold_reconstructions: image_ids must be integers, got {ids.dtype}")
+    if ids.min() < 0 or ids.max() >= tokenizer.codebook_size:
+        # an id outside the codebook means the tokens come from another tokenizer
+        raise ValueError(f"judge_gold_reconstructions: ids span [{ids.min()}, {ids.max()}] but the "
+                         f"tokenizer's codebook has {tokenizer.codebook_size} entries")
+    results = []
+    with paddle.no_grad():
+        for start in range(0, len(ids), batch_size):
+            chunk = paddle.to_tensor(ids[start : start + batch_size].astype(np.int64))
+            images = denormalize(tokenizer.decode_ids(chunk).numpy())  # uint8 [b, S, S, 3]
+            for img, claim in zip(images, claims[start : start + batch_size]):
+                results.append(judge_image(img, claim))
+    acc = {f"{GOLD_PREFIX}{k}": float(v) for k, v in judge_accuracy(results).items()}
+    return (acc, results) if return_results else acc
+
+
+def gold_ids_of_records(
+    tokenizer: ImageTokenizer, records: Sequence[ManifestRecord], image_size: int, batch_size: int = 32
+) -> np.ndarray:
+    """The gold token grids [N, h, w] of manifest images: what `tokenize_manifest` writes."""
+    out = []
+    for start in range(0, len(records), batch_size):
+        chunk = records[start : start + batch_size]
+        images = np.stack([load_image(rec.image_path, image_size) for rec in chunk])
+        out.append(tokenizer.encode_to_ids(paddle.to_tensor(images)).numpy())
+    return np.concatenate(out)
