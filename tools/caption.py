@@ -1,7 +1,9 @@
 """Image-to-text with a trained ERNIE-ViLG checkpoint:
 `python tools/caption.py --ckpt DIR --image PATH [PATH ...]` prints one JSON line per image,
 {"image": ..., "caption": ...}. The decoding strategy defaults to the checkpoint's
-Generation.decode_strategy (greedy / beam / sampling).
+Generation.decode_strategy (greedy / beam / sampling). `--cfg-scale S`: classifier-free guidance
+against the null image (docs/guidance.md); it replaces the checkpoint's Generation.caption_cfg_scale
+(1 = off).
 """
 import argparse
 import json
@@ -15,6 +17,8 @@ def main() -> int:
     parser.add_argument("--ckpt", required=True, help="vilg checkpoint folder (or its run folder)")
     parser.add_argument("--image", nargs="+", required=True, help="image files")
     parser.add_argument("--strategy", choices=("greedy", "beam", "sampling"), default=None)
+    parser.add_argument("--cfg-scale", type=float, default=None,
+                        help="caption guidance scale (default: the checkpoint's Generation.caption_cfg_scale; 1 = off)")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0 = all cores)")
     args = parser.parse_args()
 
@@ -24,6 +28,8 @@ def main() -> int:
 
         configure_threads(args.threads)
         bundle = load_bundle(args.ckpt, need_image_tokenizer=True)
+        if args.cfg_scale is not None:
+            bundle.cfg.Generation.caption_cfg_scale = args.cfg_scale
         for path, caption in zip(args.image, caption_images(bundle, args.image, args.strategy)):
             print(json.dumps({"image": path, "caption": caption}, ensure_ascii=False), flush=True)
         return 0

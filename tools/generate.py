@@ -9,6 +9,9 @@ Best-of-N (paper sec. 4.2): `--num-candidates N --keep K [--reranker RERANKER_DI
 reranker and/or the model's own caption likelihood of each image, and writes only the best K
 (`{text}_rank{r}.png`), a grid of all N per text best first (kept ones framed green) and
 ranking.json with every score.
+
+Classifier-free guidance (docs/guidance.md): `--cfg-scale S` replaces the checkpoint's
+Generation.cfg_scale (1 = off; useful only for a model trained with Train.cond_drop > 0).
 """
 import argparse
 import sys
@@ -27,6 +30,8 @@ def main() -> int:
     parser.add_argument("--rank-by", default="", choices=["", "reranker", "likelihood", "both"],
                         help="ranking signal (default: reranker if --reranker is given, else likelihood)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--cfg-scale", type=float, default=None,
+                        help="classifier-free guidance scale (default: the checkpoint's Generation.cfg_scale; 1 = off)")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0 = all cores)")
     args = parser.parse_args()
@@ -37,7 +42,8 @@ def main() -> int:
 
         configure_threads(args.threads)
         paths = generate_to_folder(args.ckpt, args.text, args.out, args.num_candidates, args.seed,
-                                   keep=args.keep, reranker=args.reranker or None, rank_by=args.rank_by)
+                                   keep=args.keep, reranker=args.reranker or None, rank_by=args.rank_by,
+                                   cfg_scale=args.cfg_scale)
         print(f"wrote {len(paths)} images and grid.png to {args.out}")
         return 0
 

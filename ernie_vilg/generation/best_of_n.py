@@ -99,10 +99,14 @@ def score_candidates(bundle: Any, text: str, images: np.ndarray, image_ids: np.n
 
 
 def best_of_n(bundle: Any, texts: Sequence[str], num_candidates: int, keep: int, signal: str = "reranker",
-              reranker: Optional[Any] = None, seed: int = 0) -> tuple[np.ndarray, list[Ranking]]:
+              reranker: Optional[Any] = None, seed: int = 0, cfg_scale: Optional[float] = None
+              ) -> tuple[np.ndarray, list[Ranking]]:
     """Sample `num_candidates` images per text and rank them. Returns all images
     uint8 [len(texts) * N, H, W, 3] (candidates of text i adjacent, in sampling order) and one
-    Ranking per text."""
+    Ranking per text. `cfg_scale`: guidance of the sampling (default Generation.cfg_scale). The
+    likelihood signal stays unguided: a guided score in the PMI form
+    log p(t | i) + (s - 1) (log p(t | i) - log p(t | null)) ranks the candidates of one text exactly
+    as log p(t | i) does, since log p(t | null) is the same for all of them."""
     from ernie_vilg.generation.pipelines import decode_image_ids, text_to_image_ids
 
     if not 1 <= keep <= num_candidates:
@@ -113,7 +117,7 @@ def best_of_n(bundle: Any, texts: Sequence[str], num_candidates: int, keep: int,
         raise ValueError(f"ranking by {signal!r} needs a reranker checkpoint (--reranker DIR)")
     all_images, rankings = [], []
     for i, text in enumerate(texts):
-        ids = text_to_image_ids(bundle, [text], num_candidates, seed=seed + i)
+        ids = text_to_image_ids(bundle, [text], num_candidates, seed=seed + i, cfg_scale=cfg_scale)
         images = decode_image_ids(bundle.image_tokenizer, ids)
         scores = score_candidates(bundle, text, images, ids, signal, reranker)
         rankings.append(Ranking(text, rank_candidates_by(scores, signal), scores, keep))

@@ -16,16 +16,23 @@ prompt: the source is the image + `[CLS] question [SEP]` (one prefill; the quest
 bidirectional), then answer tokens are decoded one by one up to [SEP]. Every question of one call
 has the same length P (callers group questions by length; padding inside the question would be a
 token the model never saw there in training).
+
+Classifier-free guidance (`cfg_scale` s != 1, docs/guidance.md): `GuidedStepper` runs every
+conditional row together with an unconditional one (the null text `[CLS] [SEP] [PAD]..` for
+text-to-image, the null image for image-to-text; models/guidance.py) as ONE batch of 2B rows over
+one stepper (one KV cache of batch 2B), and returns uncond + s * (cond - uncond), before any
+temperature / top-k / top-p. s == 1 takes the plain path (no doubled batch).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional, Protocol
+from typing import Callable, Optional, Protocol
 
 import numpy as np
 import paddle
 
 from ernie_vilg.generation.filters import apply_temperature, log_softmax, sample, top_k_filter, top_p_filter
+from ernie_vilg.models.guidance import null_image_ids, null_text_ids
 from ernie_vilg.models.sparse_masks import Direction
 from ernie_vilg.models.transformer import ErnieViLG
 
@@ -124,6 +131,49 @@ def make_stepper(model: ErnieViLG, direction: Direction, use_cache: bool, pad_id
     return FullStepper(model, direction, pad_id, text_len)
 
 
+def guide_logits(cond: np.ndarray, uncond: np.ndarray, scale: float) -> np.ndarray:
+    """Classifier-free guidance on logits: uncond + scale * (cond - uncond) (scale 1 = cond)."""
+    return uncond + scale * (cond - uncond)
+
+
+class GuidedStepper:
+    """A stepper whose rows [0, B) are the conditional ones and [B, 2B) the unconditional twins
+    (source `make_null(source)`), all in one `inner` stepper, so each forward pass and the KV
+    cache serve both; the logits returned are the guided mix [B, V]. `last_cond` / `last_uncond`
+    keep the two halves of the latest logits (for inspection and tests)."""
+
+    def __init__(self, inner: Stepper, scale: float, make_null: Callable[[np.ndarray], np.ndarray]) -> None:
+        self.inner, self.scale, self.make_null = inner, float(scale), make_null
+        self.rows = 0
+        self.last_cond: Optional[np.ndarray] = None
+        self.last_uncond: Optional[np.ndarray] = None
+
+    def _mix(self, logits: np.ndarray) -> np.ndarray:
+        self.last_cond, self.last_uncond = logits[:self.rows], logits[self.rows:]
+        return guide_logits(self.last_cond, self.last_uncond, self.scale)
+
+    def start(self, source_ids: np.ndarray, prompt_ids: Optional[np.ndarray] = None) -> np.ndarray:
+        source = np.asarray(source_ids, dtype=np.int64).reshape(len(source_ids), -1)
+        self.rows = len(source)
+        both = np.concatenate([source, self.make_null(source)])
+        # a prompt (VQA question) stays in the unconditional row: only the image is nulled
+        prompt = None if prompt_ids is None else np.concatenate([prompt_ids, prompt_ids])
+        return self._mix(self.inner.start(both, prompt))
+
+    def step(self, token_ids: np.ndarray) -> np.ndarray:
+        tokens = np.asarray(token_ids, dtype=np.int64)
+        return self._mix(self.inner.step(np.concatenate([tokens, tokens])))
+
+    def reorder(self, index: np.ndarray) -> None:
+        index = np.asarray(index, dtype=np.int64)
+        self.inner.reorder(np.concatenate([index, index + self.rows]))  # the twins follow their rows
+
+
+def guided(stepper: Stepper, cfg_scale: float, make_null: Callable[[np.ndarray], np.ndarray]) -> Stepper:
+    """`stepper` itself when cfg_scale == 1 (plain decoding), else its GuidedStepper."""
+    return stepper if cfg_scale == 1.0 else GuidedStepper(stepper, cfg_scale, make_null)
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """How a token is chosen from logits: greedy if `greedy`, else filtered sampling."""
@@ -141,13 +191,22 @@ class SamplingParams:
 
 
 def generate_image_tokens(model: ErnieViLG, text_ids: np.ndarray, params: SamplingParams,
-                          num_candidates: int = 1, seed: int = 0, use_cache: bool = True) -> np.ndarray:
+                          num_candidates: int = 1, seed: int = 0, use_cache: bool = True, cfg_scale: float = 1.0,
+                          specials: Optional["TextSpecials"] = None) -> np.ndarray:
     """Image token grids for texts [B, L]: int64 [B * num_candidates, h, w], the candidates of
-    text i in rows i * num_candidates ... (i + 1) * num_candidates - 1."""
+    text i in rows i * num_candidates ... (i + 1) * num_candidates - 1.
+
+    `cfg_scale` != 1: classifier-free guidance against the null text (built from `specials`,
+    required then), padded to the prompts' width."""
     text_ids = np.repeat(np.asarray(text_ids, dtype=np.int64), num_candidates, axis=0)  # [B*N, L]
     rng = np.random.default_rng(seed)
     grid, n = model.cfg.image_grid, model.cfg.image_grid ** 2
     stepper = make_stepper(model, Direction.TXT2IMG, use_cache)
+    if cfg_scale != 1.0:
+        if specials is None:
+            raise ValueError("text-to-image guidance (cfg_scale != 1) needs the text specials for the null text")
+        stepper = guided(stepper, cfg_scale, lambda src: null_text_ids(len(src), src.shape[1], specials.bos_id,
+                                                                        specials.eos_id, specials.pad_id))
     logits = stepper.start(text_ids)
     out = np.zeros((len(text_ids), n), dtype=np.int64)
     for k in range(n):
@@ -165,38 +224,46 @@ class TextSpecials:
 
 
 def _start_text(model: ErnieViLG, image_ids: np.ndarray, specials: TextSpecials, use_cache: bool,
-                max_new_tokens: Optional[int], prompt_ids: Optional[np.ndarray]) -> tuple[Stepper, np.ndarray, int]:
+                max_new_tokens: Optional[int], prompt_ids: Optional[np.ndarray], cfg_scale: float = 1.0
+                ) -> tuple[Stepper, np.ndarray, int]:
     """Encode the image (+ prompt) -> (stepper, logits of the first generated token, max new tokens).
 
     Without a prompt the first generated token follows [CLS], which is fed as the first step.
+    `cfg_scale` != 1: guided against the null image (a GuidedStepper).
     """
     B = len(image_ids)
     images = np.asarray(image_ids, dtype=np.int64).reshape(B, -1)
+    make_null = lambda src: null_image_ids(len(src), src.shape[1])  # noqa: E731
     if prompt_ids is None:
         max_new = _max_new_tokens(model, max_new_tokens)
         # text positions: [CLS] + the tokens fed back + the last one (predicted, never fed)
-        stepper = make_stepper(model, Direction.IMG2TXT, use_cache, specials.pad_id, max_new + 1)
+        stepper = guided(make_stepper(model, Direction.IMG2TXT, use_cache, specials.pad_id, max_new + 1),
+                         cfg_scale, make_null)
         stepper.start(images)
         return stepper, stepper.step(np.full(B, specials.bos_id, dtype=np.int64)), max_new
     prompt = np.asarray(prompt_ids, dtype=np.int64).reshape(B, -1)
     P = prompt.shape[1]
     max_new = _max_new_tokens(model, max_new_tokens, used=P)
     # text positions: the prompt + the answer tokens fed back + the last one (never fed)
-    stepper = make_stepper(model, Direction.IMG2TXT, use_cache, specials.pad_id, P + max_new)
+    stepper = guided(make_stepper(model, Direction.IMG2TXT, use_cache, specials.pad_id, P + max_new),
+                     cfg_scale, make_null)
     return stepper, stepper.start(images, prompt), max_new
 
 
 def generate_text_tokens(model: ErnieViLG, image_ids: np.ndarray, specials: TextSpecials,
                          params: SamplingParams, max_new_tokens: Optional[int] = None, seed: int = 0,
-                         use_cache: bool = True, prompt_ids: Optional[np.ndarray] = None) -> list[list[int]]:
+                         use_cache: bool = True, prompt_ids: Optional[np.ndarray] = None, cfg_scale: float = 1.0
+                         ) -> list[list[int]]:
     """Greedy or sampled captions for image grids [B, h, w]: token ids without [CLS] / [SEP].
 
     With `prompt_ids` [B, P] (`[CLS] question [SEP]`, one length P for the batch) the text
     continues the prompt: the generated answer, without the prompt and without [SEP].
+    `cfg_scale` != 1: classifier-free guidance against the null image.
     """
     B = len(image_ids)
     rng = np.random.default_rng(seed)
-    stepper, logits, max_new = _start_text(model, image_ids, specials, use_cache, max_new_tokens, prompt_ids)
+    stepper, logits, max_new = _start_text(model, image_ids, specials, use_cache, max_new_tokens, prompt_ids,
+                                           cfg_scale)
     seqs: list[list[int]] = [[] for _ in range(B)]
     done = np.zeros(B, dtype=bool)
     for t in range(max_new):
@@ -215,13 +282,15 @@ def generate_text_tokens(model: ErnieViLG, image_ids: np.ndarray, specials: Text
 
 def beam_search_text_tokens(model: ErnieViLG, image_ids: np.ndarray, specials: TextSpecials, beam_size: int,
                             length_penalty: float = 1.0, max_new_tokens: Optional[int] = None,
-                            use_cache: bool = True, prompt_ids: Optional[np.ndarray] = None) -> list[list[int]]:
+                            use_cache: bool = True, prompt_ids: Optional[np.ndarray] = None, cfg_scale: float = 1.0
+                            ) -> list[list[int]]:
     """Beam search captions for image grids [B, h, w] (ids without [CLS] / [SEP]).
 
     A hypothesis' score is its summed log-probability / (length ** length_penalty), the length
     counting [SEP]. An image is finished once it holds `beam_size` ended hypotheses and no live
     beam scores better at the current length; unfinished beams are scored as they stand at the end.
-    `prompt_ids` [B, P]: as in `generate_text_tokens` (VQA answers).
+    `prompt_ids` [B, P]: as in `generate_text_tokens` (VQA answers). `cfg_scale` != 1: the beams
+    are scored by the log-softmax of the guided logits (null-image guidance).
     """
     K = beam_size
     B = len(image_ids)
@@ -229,7 +298,7 @@ def beam_search_text_tokens(model: ErnieViLG, image_ids: np.ndarray, specials: T
     images = np.repeat(np.asarray(image_ids, dtype=np.int64).reshape(B, -1), K, axis=0)
     prompt = None if prompt_ids is None else np.repeat(np.asarray(prompt_ids, dtype=np.int64).reshape(B, -1), K,
                                                        axis=0)
-    stepper, logits, max_new = _start_text(model, images, specials, use_cache, max_new_tokens, prompt)
+    stepper, logits, max_new = _start_text(model, images, specials, use_cache, max_new_tokens, prompt, cfg_scale)
     scores = np.full((B, K), -np.inf)
     scores[:, 0] = 0.0  # all beams start identical: expand only the first
     seqs: list[list[list[int]]] = [[[] for _ in range(K)] for _ in range(B)]

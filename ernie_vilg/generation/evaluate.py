@@ -62,68 +62,99 @@ def _is_shapes(records: list[Any]) -> bool:
         return False
 
 
+def caption_direction(model: ErnieViLG, text_tokenizer: Any, records: list[Any], cfg: Config,
+                      batch_size: int = 32, with_meteor: bool = False, cfg_scale: Optional[float] = None
+                      ) -> tuple[dict[str, float], dict[str, Any]]:
+    """Greedy captions for the records' image ids, scored (`caption_*`); outputs `captions` and
+    `references` ({index: ...}). `cfg_scale`: guidance (default Generation.caption_cfg_scale)."""
+    specials = TextSpecials(text_tokenizer.cls_id, text_tokenizer.sep_id, text_tokenizer.pad_id)
+    gen = cfg.Generation
+    scale = gen.caption_cfg_scale if cfg_scale is None else cfg_scale
+    preds, refs = {}, {}
+    for start in range(0, len(records), batch_size):
+        chunk = records[start:start + batch_size]
+        ids = np.stack([r.image_ids for r in chunk]).astype(np.int64)
+        seqs = generate_text_tokens(model, ids, specials, SamplingParams(greedy=True), gen.max_text_len,
+                                    cfg_scale=scale)
+        for i, (rec, seq) in enumerate(zip(chunk, seqs)):
+            preds[str(start + i)] = text_tokenizer.decode(seq)
+            refs[str(start + i)] = list(rec.texts) or [rec.text]
+    return score_caption_dicts(preds, refs, with_meteor), {"captions": preds, "references": refs}
+
+
+def image_direction(model: ErnieViLG, text_tokenizer: Any, image_tokenizer: Any, records: list[Any], cfg: Config,
+                    seed: int = 0, num_candidates: int = 1, sample_batch: int = 256, progress: bool = False,
+                    cfg_scale: Optional[float] = None) -> tuple[dict[str, float], dict[str, Any]]:
+    """Sampled images for the records' texts (Generation's temperature / top-k / top-p, guidance
+    `cfg_scale`, default Generation.cfg_scale), judged with the shapes judge when the texts are
+    shapes captions. Best-of-N as described in `run_both_directions`. Outputs `images` (and
+    `images_best`, `judgements`, `judgements_best`)."""
+    from ernie_vilg.generation.best_of_n import caption_log_likelihood
+    from ernie_vilg.generation.pipelines import decode_image_ids
+
+    if num_candidates < 1:
+        raise ValueError(f"num_candidates must be >= 1, got {num_candidates}")
+    gen = cfg.Generation
+    scale = gen.cfg_scale if cfg_scale is None else cfg_scale
+    specials = TextSpecials(text_tokenizer.cls_id, text_tokenizer.sep_id, text_tokenizer.pad_id)
+    n = num_candidates
+    params = SamplingParams(greedy=False, temperature=gen.temperature, top_k=gen.top_k, top_p=gen.top_p)
+    first, best = [], []
+    # texts x candidates sampled together: wide batches spread the per-token overhead of
+    # incremental decoding (100 texts x 8 here: 217 s in batches of 256 vs 258 s of 32)
+    text_batch = max(1, sample_batch // n)
+    starts = range(0, len(records), text_batch)
+    if progress:
+        from tqdm import tqdm
+
+        starts = tqdm(starts, desc=f"text-to-image x{n}", unit="batch")
+    for start in starts:
+        chunk = records[start:start + text_batch]
+        text_ids = text_tokenizer.encode_batch([r.text for r in chunk], cfg.Data.max_text_len,
+                                               pad_to_longest=True)
+        ids = generate_image_tokens(model, text_ids, params, num_candidates=n, seed=seed + start,
+                                    cfg_scale=scale, specials=specials)
+        if n > 1:
+            loglik = caption_log_likelihood(model, ids, np.repeat(text_ids, n, axis=0), text_tokenizer.pad_id)
+            pick = loglik.reshape(len(chunk), n).argmax(axis=1)
+            grids = ids.reshape(len(chunk), n, *ids.shape[1:])
+            best.append(decode_image_ids(image_tokenizer, grids[np.arange(len(chunk)), pick]))
+            ids = grids[:, 0]
+        first.append(decode_image_ids(image_tokenizer, ids))
+    metrics: dict[str, float] = {}
+    outputs: dict[str, Any] = {"images": np.concatenate(first)}
+    if best:
+        outputs["images_best"] = np.concatenate(best)
+    if _is_shapes(records):
+        judge, rows = _judge(outputs["images"], records)
+        metrics.update(judge)
+        outputs["judgements"] = rows
+        if best:
+            judge, rows = _judge(outputs["images_best"], records)
+            metrics.update({k.replace("judge_", f"judge_best_of_{n}_", 1): v for k, v in judge.items()})
+            outputs["judgements_best"] = rows
+    return metrics, outputs
+
+
 def run_both_directions(model: ErnieViLG, text_tokenizer: Any, image_tokenizer: Optional[Any], records: list[Any],
                         cfg: Config, seed: int = 0, batch_size: int = 32, with_meteor: bool = False,
-                        num_candidates: int = 1, sample_batch: int = 256, progress: bool = False
+                        num_candidates: int = 1, sample_batch: int = 256, progress: bool = False,
+                        cfg_scale: Optional[float] = None, caption_cfg_scale: Optional[float] = None
                         ) -> tuple[dict[str, float], dict[str, Any]]:
     """Greedy captions for the records' image ids and sampled images for the records' texts.
 
     With `num_candidates` N > 1 each text gets N samples, ranked by the model's own caption
     log-likelihood of each image (best-of-N, paper sec. 4.2, which re-ranks too): `judge_*` then
     scores the first candidate (what a single sample gives) and `judge_best_of_N_*` the top-ranked
-    one, on the same samples, so the two rows differ by the ranking alone."""
-    specials = TextSpecials(text_tokenizer.cls_id, text_tokenizer.sep_id, text_tokenizer.pad_id)
-    gen = cfg.Generation
-    preds, refs = {}, {}
-    for start in range(0, len(records), batch_size):
-        chunk = records[start:start + batch_size]
-        ids = np.stack([r.image_ids for r in chunk]).astype(np.int64)
-        seqs = generate_text_tokens(model, ids, specials, SamplingParams(greedy=True), gen.max_text_len)
-        for i, (rec, seq) in enumerate(zip(chunk, seqs)):
-            preds[str(start + i)] = text_tokenizer.decode(seq)
-            refs[str(start + i)] = list(rec.texts) or [rec.text]
-    metrics = score_caption_dicts(preds, refs, with_meteor)
-    outputs: dict[str, Any] = {"captions": preds, "references": refs}
+    one, on the same samples, so the two rows differ by the ranking alone.
+    Guidance scales default to Generation.cfg_scale (images) and Generation.caption_cfg_scale."""
+    metrics, outputs = caption_direction(model, text_tokenizer, records, cfg, batch_size, with_meteor,
+                                         caption_cfg_scale)
     if image_tokenizer is not None:
-        from ernie_vilg.generation.best_of_n import caption_log_likelihood
-        from ernie_vilg.generation.pipelines import decode_image_ids
-
-        if num_candidates < 1:
-            raise ValueError(f"num_candidates must be >= 1, got {num_candidates}")
-        n = num_candidates
-        params = SamplingParams(greedy=False, temperature=gen.temperature, top_k=gen.top_k, top_p=gen.top_p)
-        first, best = [], []
-        # texts x candidates sampled together: wide batches spread the per-token overhead of
-        # incremental decoding (100 texts x 8 here: 217 s in batches of 256 vs 258 s of 32)
-        text_batch = max(1, sample_batch // n)
-        starts = range(0, len(records), text_batch)
-        if progress:
-            from tqdm import tqdm
-
-            starts = tqdm(starts, desc=f"text-to-image x{n}", unit="batch")
-        for start in starts:
-            chunk = records[start:start + text_batch]
-            text_ids = text_tokenizer.encode_batch([r.text for r in chunk], cfg.Data.max_text_len,
-                                                   pad_to_longest=True)
-            ids = generate_image_tokens(model, text_ids, params, num_candidates=n, seed=seed + start)
-            if n > 1:
-                loglik = caption_log_likelihood(model, ids, np.repeat(text_ids, n, axis=0), text_tokenizer.pad_id)
-                pick = loglik.reshape(len(chunk), n).argmax(axis=1)
-                grids = ids.reshape(len(chunk), n, *ids.shape[1:])
-                best.append(decode_image_ids(image_tokenizer, grids[np.arange(len(chunk)), pick]))
-                ids = grids[:, 0]
-            first.append(decode_image_ids(image_tokenizer, ids))
-        outputs["images"] = np.concatenate(first)
-        if best:
-            outputs["images_best"] = np.concatenate(best)
-        if _is_shapes(records):
-            judge, rows = _judge(outputs["images"], records)
-            metrics.update(judge)
-            outputs["judgements"] = rows
-            if best:
-                judge, rows = _judge(outputs["images_best"], records)
-                metrics.update({k.replace("judge_", f"judge_best_of_{n}_", 1): v for k, v in judge.items()})
-                outputs["judgements_best"] = rows
+        image_metrics, image_outputs = image_direction(model, text_tokenizer, image_tokenizer, records, cfg, seed,
+                                                       num_candidates, sample_batch, progress, cfg_scale)
+        metrics.update(image_metrics)
+        outputs.update(image_outputs)
     return metrics, outputs
 
 
@@ -136,10 +167,12 @@ def evaluate_model(model: ErnieViLG, text_tokenizer: Any, image_tokenizer: Optio
 
 
 def evaluate_both_directions(ckpt: str | Path, shards_dir: str | Path, out_dir: str | Path, max_items: int = 200,
-                             seed: int = 0, num_candidates: int = 1) -> dict[str, float]:
+                             seed: int = 0, num_candidates: int = 1, cfg_scale: Optional[float] = None,
+                             caption_cfg_scale: Optional[float] = None) -> dict[str, float]:
     """Score a checkpoint on held-out token shards; writes OUT/captions.jsonl, OUT/judgements.jsonl
     and OUT/samples/grid.png (first 64 generated images); with `num_candidates` > 1 also the
-    best-of-N picks (OUT/judgements_best_of_N.jsonl, OUT/samples/grid_best_of_N.png). Returns the metrics."""
+    best-of-N picks (OUT/judgements_best_of_N.jsonl, OUT/samples/grid_best_of_N.png). Guidance
+    scales default to the checkpoint's Generation.cfg_scale / caption_cfg_scale. Returns the metrics."""
     import paddle
 
     from ernie_vilg.data.token_shards import TokenShards
@@ -151,7 +184,8 @@ def evaluate_both_directions(ckpt: str | Path, shards_dir: str | Path, out_dir: 
     with paddle.no_grad():
         metrics, outputs = run_both_directions(bundle.model, bundle.text_tokenizer, bundle.image_tokenizer,
                                                records, bundle.cfg, seed, with_meteor=True,
-                                               num_candidates=num_candidates, progress=True)
+                                               num_candidates=num_candidates, progress=True,
+                                               cfg_scale=cfg_scale, caption_cfg_scale=caption_cfg_scale)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     with (out / "captions.jsonl").open("w", encoding="utf-8") as fh:

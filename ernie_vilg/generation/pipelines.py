@@ -88,12 +88,15 @@ def image_sampling_params(gen: GenerationConfig) -> SamplingParams:
 
 
 def text_to_image_ids(bundle: VilgBundle, texts: Sequence[str], num_candidates: int = 1, seed: int = 0,
-                      params: Optional[SamplingParams] = None) -> np.ndarray:
-    """Image token grids [len(texts) * num_candidates, h, w] (candidates of a text are adjacent)."""
+                      params: Optional[SamplingParams] = None, cfg_scale: Optional[float] = None) -> np.ndarray:
+    """Image token grids [len(texts) * num_candidates, h, w] (candidates of a text are adjacent).
+    `cfg_scale`: classifier-free guidance scale (default Generation.cfg_scale)."""
     cfg = bundle.cfg
     text_ids = bundle.text_tokenizer.encode_batch(list(texts), cfg.Data.max_text_len, pad_to_longest=True)
+    scale = cfg.Generation.cfg_scale if cfg_scale is None else cfg_scale
     return generate_image_tokens(bundle.model, text_ids, params or image_sampling_params(cfg.Generation),
-                                 num_candidates=num_candidates, seed=seed)
+                                 num_candidates=num_candidates, seed=seed, cfg_scale=scale,
+                                 specials=bundle.specials)
 
 
 def decode_image_ids(image_tokenizer: Any, ids: np.ndarray) -> np.ndarray:
@@ -105,27 +108,31 @@ def decode_image_ids(image_tokenizer: Any, ids: np.ndarray) -> np.ndarray:
 
 
 def text_to_image(bundle: VilgBundle, texts: Sequence[str], num_candidates: int = 1, seed: int = 0,
-                  params: Optional[SamplingParams] = None) -> np.ndarray:
+                  params: Optional[SamplingParams] = None, cfg_scale: Optional[float] = None) -> np.ndarray:
     """uint8 images [len(texts) * num_candidates, H, W, 3]."""
     if bundle.image_tokenizer is None:
         raise FileNotFoundError(f"{bundle.ckpt_dir}: no image tokenizer to decode image tokens")
-    return decode_image_ids(bundle.image_tokenizer, text_to_image_ids(bundle, texts, num_candidates, seed, params))
+    return decode_image_ids(bundle.image_tokenizer,
+                            text_to_image_ids(bundle, texts, num_candidates, seed, params, cfg_scale))
 
 
 def captions_from_ids(bundle: VilgBundle, image_ids: np.ndarray, strategy: Optional[str] = None,
-                      seed: int = 0) -> list[str]:
-    """Captions for image token grids [B, h, w] with Generation.decode_strategy (or `strategy`)."""
+                      seed: int = 0, cfg_scale: Optional[float] = None) -> list[str]:
+    """Captions for image token grids [B, h, w] with Generation.decode_strategy (or `strategy`),
+    guided with `cfg_scale` (default Generation.caption_cfg_scale; 1 = no guidance)."""
     gen = bundle.cfg.Generation
+    scale = gen.caption_cfg_scale if cfg_scale is None else cfg_scale
     strategy = strategy or gen.decode_strategy
     if strategy not in DECODE_STRATEGIES:
         raise ValueError(f"Generation.decode_strategy: unknown {strategy!r} (known: {', '.join(DECODE_STRATEGIES)})")
     if strategy == "beam":
         seqs = beam_search_text_tokens(bundle.model, image_ids, bundle.specials, gen.beam_size,
-                                       gen.length_penalty, gen.max_text_len)
+                                       gen.length_penalty, gen.max_text_len, cfg_scale=scale)
     else:
         params = SamplingParams(greedy=strategy == "greedy", temperature=gen.temperature, top_k=gen.top_k,
                                 top_p=gen.top_p)
-        seqs = generate_text_tokens(bundle.model, image_ids, bundle.specials, params, gen.max_text_len, seed)
+        seqs = generate_text_tokens(bundle.model, image_ids, bundle.specials, params, gen.max_text_len, seed,
+                                    cfg_scale=scale)
     return [bundle.text_tokenizer.decode(s) for s in seqs]
 
 
@@ -161,17 +168,20 @@ def save_grid(images: np.ndarray, path: str | Path, columns: int = 0) -> None:
 
 def generate_to_folder(ckpt: str | Path, texts: Sequence[str], out: str | Path, num_candidates: int = 1,
                        seed: int = 0, keep: int = 0, reranker: Optional[str | Path] = None,
-                       rank_by: str = "") -> list[Path]:
+                       rank_by: str = "", cfg_scale: Optional[float] = None) -> list[Path]:
     """tools/generate.py: a PNG per sample (`{text index}_{candidate}.png`) and grid.png.
 
     With `keep` (1 <= keep <= num_candidates) the candidates of each text are ranked (best-of-N,
     generation/best_of_n.py, by `rank_by`: reranker | likelihood | both; default reranker when a
     reranker checkpoint is given, else likelihood), only the best `keep` are written
     (`{text index}_rank{r}.png`), grid.png shows every candidate best first with the kept ones
-    framed, and ranking.json holds the order and scores."""
+    framed, and ranking.json holds the order and scores. `cfg_scale` (tools/generate.py
+    --cfg-scale) replaces the checkpoint's Generation.cfg_scale."""
     from PIL import Image
 
     bundle = load_bundle(ckpt, need_image_tokenizer=True)
+    if cfg_scale is not None:
+        bundle.cfg.Generation.cfg_scale = float(cfg_scale)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     paths = []

@@ -53,7 +53,8 @@ STRATEGIES = ("greedy", "beam")  # sampling is not an evaluation decoder: its sc
 # --------------------------------------------------------------------------------------------
 def decode_captions(model: ErnieViLG, tok: Any, image_ids: np.ndarray, gen: GenerationConfig,
                     batch_size: int = 32) -> list[str]:
-    """Captions of image token grids [N, h, w], decoded as `gen` says (greedy or beam search)."""
+    """Captions of image token grids [N, h, w], decoded as `gen` says (greedy or beam search,
+    guided by Generation.caption_cfg_scale)."""
     if gen.decode_strategy not in STRATEGIES:
         raise ConfigError(f"Generation.decode_strategy={gen.decode_strategy!r}: caption evaluation decodes with "
                           f"one of {', '.join(STRATEGIES)}")
@@ -66,9 +67,10 @@ def decode_captions(model: ErnieViLG, tok: Any, image_ids: np.ndarray, gen: Gene
         chunk = images[start:start + batch_size]
         if gen.decode_strategy == "beam":
             seqs = beam_search_text_tokens(model, chunk, specials, gen.beam_size, gen.length_penalty,
-                                           gen.max_text_len)
+                                           gen.max_text_len, cfg_scale=gen.caption_cfg_scale)
         else:
-            seqs = generate_text_tokens(model, chunk, specials, SamplingParams(greedy=True), gen.max_text_len)
+            seqs = generate_text_tokens(model, chunk, specials, SamplingParams(greedy=True), gen.max_text_len,
+                                        cfg_scale=gen.caption_cfg_scale)
         captions.extend(tok.decode(seq) for seq in seqs)
     return captions
 
