@@ -284,3 +284,61 @@ def test_training_with_cond_drop_resumes_and_an_old_checkpoint_loads(tmp_path) -
     cfg = _vilg_cfg(tmp_path, "Train.cond_drop=0.5", "Train.max_steps=3", "Train.save_every=3")
     result = Trainer(cfg, module_for(cfg)).fit()
     assert int(result["step"]) == 3
+
+
+# ------------------------------------------------------------------------------ the scale sweep
+def test_guidance_scales_benchmark_writes_the_table(tmp_path, monkeypatch) -> None:
+    """benchmarks/guidance_scales.py on a random tiny model + tiny VQVAE: the table's shape and
+    keys (not its numbers)."""
+    import importlib.util
+    import json
+
+    from ernie_vilg.config import Config
+    from ernie_vilg.data.shapes import make_item
+    from ernie_vilg.data.token_shards import TokenShardWriter
+    from ernie_vilg.generation import pipelines
+    from ernie_vilg.text.tokenizer import TextTokenizer
+    from ernie_vilg.text.vocab import build_vocab
+    from ernie_vilg.vq.base import build_tokenizer
+
+    items = [make_item(0, "test", i, size=16)[1] for i in range(3)]
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("".join(json.dumps({"image": "x.png", "text": t}, ensure_ascii=False) + "\n"
+                                for it in items for t in it["texts"]), encoding="utf-8")
+    build_vocab([manifest], tmp_path / "vocab.txt")
+    text_tok = TextTokenizer(tmp_path / "vocab.txt")
+    vq_cfg = load_config(REPO / "configs/vq/tiny_vqvae.yaml", ["Data.image_size=16"])
+    paddle.seed(0)
+    image_tok = build_tokenizer(vq_cfg.VQ)
+    image_tok.eval()
+    grid, codebook = 4, vq_cfg.VQ.codebook_size
+    cfg: Config = load_config(REPO / "configs/vilg/tiny.yaml", [
+        "Data.image_size=16", "Data.max_text_len=40", "Model.max_text_len=40",
+        f"Model.text_vocab_size={text_tok.vocab_size}", f"Model.image_vocab_size={codebook}",
+        f"Model.image_grid={grid}", "Generation.top_k=8", "Generation.max_text_len=8"])
+    model = ErnieViLG(cfg.Model)
+    model.eval()
+    bundle = pipelines.VilgBundle(cfg, model, text_tok, image_tok, tmp_path)
+    writer = TokenShardWriter(tmp_path / "test", grid, codebook, shard_size=8)
+    r = np.random.default_rng(0)
+    for it in items:
+        writer.add(r.integers(0, codebook, (grid, grid)), it["text"], it["texts"], {"attrs": it["attrs"]})
+    writer.close()
+    monkeypatch.setattr(pipelines, "load_bundle", lambda ckpt, need_image_tokenizer=False: bundle)
+    spec = importlib.util.spec_from_file_location("guidance_scales", REPO / "benchmarks" / "guidance_scales.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "sweep"
+    assert bench.main(["--ckpt", "unused", "--shards", str(tmp_path / "test"), "--scales", "0,1,2",
+                       "--caption-scales", "1,1.5", "--max-items", "2", "--out", str(out), "--threads", "1"]) == 0
+    result = json.loads(Path(f"{out}.json").read_text(encoding="utf-8"))
+    assert result["items"] == 2
+    assert [row["cfg_scale"] for row in result["text_to_image"]] == [0.0, 1.0, 2.0]
+    assert [row["cfg_scale"] for row in result["captions"]] == [1.0, 1.5]
+    for row in result["text_to_image"]:
+        assert {f"judge_{a}" for a in bench.JUDGE_ATTRS} <= set(row) and all(0 <= row[f"judge_{a}"] <= 100
+                                                                            for a in bench.JUDGE_ATTRS)
+    for row in result["captions"]:
+        assert "caption_CIDEr" in row and np.isfinite(row["caption_CIDEr"])
+    table = Path(f"{out}.md").read_text(encoding="utf-8")
+    assert "| text-to-image (judge accuracy, %): cfg_scale |" in table and "| 1.5 |" in table
