@@ -1,7 +1,11 @@
 """ERNIE-ViLG: unified generative pre-training for bidirectional vision-language generation (PaddlePaddle)."""
-from ernie_vilg.runtime import mkl_avx2_on_amd
+from ernie_vilg.runtime import contiguous_views_on_cpu, keep_freed_memory, mkl_avx2_on_amd
 
 __version__ = "0.1.0"
 
 # Before anything imports paddle: Paddle's MKL picks slow kernels on AMD CPUs (runtime.py).
 mkl_avx2_on_amd()
+# ... and its stride kernels copy views slowly on CPU (runtime.py).
+contiguous_views_on_cpu()
+# ... and large activations would be fresh zeroed pages at every step (runtime.py).
+keep_freed_memory()

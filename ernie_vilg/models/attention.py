@@ -30,9 +30,11 @@ import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
 
+from ernie_vilg.models.fast_ops import Linear
 from ernie_vilg.models.sparse_masks import (
     Direction,
     LayerKind,
+    PairedLayout,
     StreamLayout,
     batch_stream_masks,
     causal_square,
@@ -215,8 +217,8 @@ class SelfAttention(nn.Layer):
         self.kind, self.impl, self.conv_kernel = kind, impl, conv_kernel
         self.fill_value = mask_fill_value
         normal = nn.initializer.Normal(std=init_std)
-        self.qkv = nn.Linear(hidden_size, 3 * hidden_size, weight_attr=paddle.ParamAttr(initializer=normal))
-        self.proj = nn.Linear(hidden_size, hidden_size,
+        self.qkv = Linear(hidden_size, 3 * hidden_size, weight_attr=paddle.ParamAttr(initializer=normal))
+        self.proj = Linear(hidden_size, hidden_size,
                               weight_attr=paddle.ParamAttr(initializer=nn.initializer.Normal(std=proj_std)))
         self.dropout = nn.Dropout(dropout)
         # additive (L+n)^2 masks of the dense cores, built once per layout
@@ -248,6 +250,8 @@ class SelfAttention(nn.Layer):
         """
         T = x.shape[1]
         q, k, v = self._heads(x)
+        if isinstance(layout, PairedLayout):
+            return self._merge(self._paired_core(q, k, v, layout))
         if self.impl == "sparse_blockwise":
             out = blockwise_attention(q, k, v, layout, self.kind, self.fill_value, text_prefix)
         else:
@@ -262,6 +266,26 @@ class SelfAttention(nn.Layer):
         if cache is not None:
             cache.write(0, k, v)
         return self._merge(out)
+
+    def _paired_core(self, q: Tensor, k: Tensor, v: Tensor, layout: PairedLayout) -> Tensor:
+        """Both directions' streams in one batch (rows [0, B) text-to-image, [B, 2B) image-to-text).
+
+        The dense-mask cores score all 2B rows in one matmul and add each half's mask by
+        broadcasting ([2B, H, T, T] viewed as [2, B, H, T, T] + [2, 1, 1, T, T]); the block-wise
+        core runs on each half with its own layout. Same maths as one call per direction."""
+        if self.impl == "sparse_blockwise":
+            halves = [paddle.split(t, 2, axis=0) for t in (q, k, v)]
+            outs = [blockwise_attention(halves[0][i], halves[1][i], halves[2][i], half, self.kind, self.fill_value)
+                    for i, half in enumerate(layout.halves)]
+            return paddle.concat(outs, axis=0)
+        B2, H, T, _ = q.shape
+        if layout not in self._mask_cache:
+            masks = np.stack([stream_mask(half, self.kind) for half in layout.halves])  # [2, T, T]
+            self._mask_cache[layout] = to_additive(masks, self.fill_value).reshape([2, 1, 1, T, T])
+        additive = self._mask_cache[layout].astype(q.dtype)
+        scores = paddle.matmul(q, k, transpose_y=True).reshape([2, B2 // 2, H, T, T]) + additive
+        probs = F.softmax(scores, axis=-1).reshape([B2, H, T, T])
+        return paddle.matmul(probs, v)
 
     def step(self, x: Tensor, layout: StreamLayout, position: int, cache: LayerKV) -> Tensor:
         """One new target token at stream `position`: x [B, 1, d] -> [B, 1, d].

@@ -47,3 +47,16 @@ class VilgCriterion(nn.Layer):
         text_targets = text_ids[:, 1:]  # [B, L - 1]: w_1 .. [SEP] then padding
         loss_i2t = token_nll(text_logits, text_targets, text_targets != self.pad_id)
         return VilgLoss(loss_t2i + loss_i2t, loss_t2i, loss_i2t)
+
+
+def bidirectional_loss(model: nn.Layer, criterion: VilgCriterion, text_ids: Tensor, image_ids: Tensor,
+                       t2i_text_ids: Tensor | None = None, i2t_image_ids: Tensor | None = None) -> VilgLoss:
+    """L = L_txt2img + L_img2txt of one batch, both directions in one pass (`ErnieViLG.forward_both`;
+    `model` is the model or a distributed wrapper of it).
+
+    The text-to-image stream reads `t2i_text_ids` and the image-to-text stream `i2t_image_ids`
+    when given (null conditions of guidance training); the targets are always the real image and
+    text."""
+    # through __call__ (direction "both" = ErnieViLG.BOTH), so DataParallel / sharding wrappers hook in
+    image_logits, text_logits = model(text_ids, image_ids, "both", None, t2i_text_ids, i2t_image_ids)
+    return criterion(image_logits, image_ids, text_logits, text_ids)

@@ -21,7 +21,7 @@ import paddle
 
 from ernie_vilg.config import Config, ConfigError
 from ernie_vilg.models.guidance import I2T_IMAGE_KEY, T2I_TEXT_KEY, ConditionDropper
-from ernie_vilg.models.losses import VilgCriterion
+from ernie_vilg.models.losses import VilgCriterion, bidirectional_loss
 from ernie_vilg.models.sparse_masks import Direction
 from ernie_vilg.models.transformer import ErnieViLG
 from ernie_vilg.text.tokenizer import pad_ids
@@ -253,9 +253,8 @@ class VilgTrainModule:
         text_ids, image_ids = batch["text_ids"], batch["image_ids"]
         # classifier-free guidance (models/guidance.py): each stream may get its own, partly
         # nulled, condition; the targets are always the real image / text
-        image_logits = model(batch.get(T2I_TEXT_KEY, text_ids), image_ids, Direction.TXT2IMG)
-        text_logits = model(text_ids, batch.get(I2T_IMAGE_KEY, image_ids), Direction.IMG2TXT)
-        return self.criterion(image_logits, image_ids, text_logits, text_ids)
+        return bidirectional_loss(model, self.criterion, text_ids, image_ids, batch.get(T2I_TEXT_KEY),
+                                  batch.get(I2T_IMAGE_KEY))
 
     def training_step(self, model: ErnieViLG, batch: dict[str, paddle.Tensor], step: int
                       ) -> tuple[paddle.Tensor, dict[str, float]]:

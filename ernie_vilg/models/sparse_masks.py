@@ -128,6 +128,31 @@ class StreamLayout:
         return self.direction is Direction.TXT2IMG
 
 
+@dataclass(frozen=True)
+class PairedLayout:
+    """Both directions of one batch stacked on the batch axis, for one pass through the blocks:
+    rows [0, B) are the text-to-image streams, rows [B, 2B) the image-to-text streams, both with
+    the same text length (so the same total length). Layers fuse every projection over the 2B
+    rows; only the attention core treats the halves by their own layout."""
+
+    txt2img: StreamLayout
+    img2txt: StreamLayout
+
+    def __post_init__(self) -> None:
+        if (self.txt2img.direction is not Direction.TXT2IMG or self.img2txt.direction is not Direction.IMG2TXT
+                or self.txt2img.total != self.img2txt.total):
+            raise ValueError(f"a paired layout needs a text-to-image and an image-to-text stream of one "
+                             f"length, got {self.txt2img} and {self.img2txt}")
+
+    @property
+    def total(self) -> int:
+        return self.txt2img.total
+
+    @property
+    def halves(self) -> tuple[StreamLayout, StreamLayout]:
+        return (self.txt2img, self.img2txt)
+
+
 # --------------------------------------------------------------------------------------------
 # Small pieces (used by the block-wise implementation and by the builders below)
 # --------------------------------------------------------------------------------------------

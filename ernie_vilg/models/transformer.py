@@ -35,10 +35,12 @@ import paddle.nn.functional as F
 
 from ernie_vilg.config import ModelConfig
 from ernie_vilg.models.attention import SelfAttention
+from ernie_vilg.models.fast_ops import Linear, add_bias
 from ernie_vilg.models.guidance import NULL_IMAGE_ID
 from ernie_vilg.models.sparse_masks import (
     Direction,
     LayerKind,
+    PairedLayout,
     StreamLayout,
     layer_kinds,
     mean_visible_keys,
@@ -49,6 +51,7 @@ if TYPE_CHECKING:
     from ernie_vilg.generation.cache import KVCache
 
 Tensor = paddle.Tensor
+BOTH = "both"  # `ErnieViLG.forward` direction: both directions' logits from one pass
 
 
 def check_model_config(cfg: ModelConfig) -> None:
@@ -75,8 +78,8 @@ class MLP(nn.Layer):
     def __init__(self, cfg: ModelConfig, proj_std: float) -> None:
         super().__init__()
         d, normal = cfg.hidden_size, nn.initializer.Normal(std=cfg.init_std)
-        self.fc1 = nn.Linear(d, cfg.ffn_mult * d, weight_attr=paddle.ParamAttr(initializer=normal))
-        self.fc2 = nn.Linear(cfg.ffn_mult * d, d,
+        self.fc1 = Linear(d, cfg.ffn_mult * d, weight_attr=paddle.ParamAttr(initializer=normal))
+        self.fc2 = Linear(cfg.ffn_mult * d, d,
                              weight_attr=paddle.ParamAttr(initializer=nn.initializer.Normal(std=proj_std)))
         self.approximate = cfg.gelu_approximate
         self.dropout = nn.Dropout(cfg.dropout)
@@ -125,7 +128,7 @@ class TiedHead(nn.Layer):
         self.bias = self.create_parameter([weight.shape[0]], is_bias=True)
 
     def forward(self, h: Tensor) -> Tensor:
-        return paddle.matmul(h, self.weight, transpose_y=True) + self.bias
+        return add_bias(paddle.matmul(h, self.weight, transpose_y=True), self.bias)
 
 
 class ErnieViLG(nn.Layer):
@@ -181,7 +184,7 @@ class ErnieViLG(nn.Layer):
         return tok + self.pos_emb_row(rows) + self.pos_emb_col(cols)
 
     def _direction(self, x: Tensor, layout: StreamLayout) -> Tensor:
-        return self.drop(x + self.dir_emb.weight[layout.direction.index])
+        return self.drop(add_bias(x, self.dir_emb.weight[layout.direction.index]))
 
     def _source_embeddings(self, source_ids: Tensor, layout: StreamLayout) -> Tensor:
         if layout.direction is Direction.TXT2IMG:
@@ -230,8 +233,13 @@ class ErnieViLG(nn.Layer):
         return self._run_blocks(x, layout, None, prefix)
 
     def forward(self, text_ids: Tensor, image_ids: Tensor, direction: Direction | str,
-                text_prefix: Tensor | np.ndarray | None = None) -> Tensor:
+                text_prefix: Tensor | np.ndarray | None = None, t2i_text_ids: Tensor | None = None,
+                i2t_image_ids: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
         """Target logits of one direction, aligned with the targets.
+
+        direction BOTH ("both") returns both directions' logits from one pass (`forward_both`,
+        with its `t2i_text_ids` / `i2t_image_ids`); through `__call__`, so distributed wrappers
+        (DataParallel, sharding) see the forward they hook into.
 
         text_ids [B, L] int64 ([CLS] .. [SEP] [PAD]..; L <= max_text_len), image_ids [B, h, w] or
         [B, n] int64.
@@ -240,6 +248,12 @@ class ErnieViLG(nn.Layer):
         text_prefix: int [B] or None, image-to-text only: the first text_prefix[b] text positions of
         sample b are source (VQA question); rows j >= text_prefix[b] - 1 predict its answer.
         """
+        if direction == BOTH:
+            if text_prefix is not None:
+                raise ValueError("a text prefix (VQA question) needs the image-to-text direction alone")
+            return self.forward_both(text_ids, image_ids, t2i_text_ids, i2t_image_ids)
+        if t2i_text_ids is not None or i2t_image_ids is not None:
+            raise ValueError("t2i_text_ids / i2t_image_ids are inputs of direction 'both'")
         direction = Direction(direction)
         h = self.hidden_states(text_ids, image_ids, direction, text_prefix)
         L, n = text_ids.shape[1], self.cfg.image_grid ** 2
@@ -250,6 +264,37 @@ class ErnieViLG(nn.Layer):
         # text positions 0 .. L-2 predict text 1 .. L-1
         _, h_pred, _ = paddle.split(h, [n, L - 1, 1], axis=1)
         return self.head_txt(h_pred)
+
+    def forward_both(self, text_ids: Tensor, image_ids: Tensor, t2i_text_ids: Tensor | None = None,
+                     i2t_image_ids: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Target logits of both directions in one pass: (image logits [B, n, V_img], text logits
+        [B, L - 1, V_txt]), equal to `forward` of each direction.
+
+        The text-to-image stream reads `t2i_text_ids` (default `text_ids`) and the image-to-text
+        stream `i2t_image_ids` (default `image_ids`), e.g. the null conditions of guidance
+        training. The two streams have one length, so they run as one batch of 2B rows
+        (`PairedLayout`): every projection, LayerNorm and MLP is one kernel over both directions
+        instead of two, which on CPU is most of the step (docs/benchmarks.md, "Training step").
+        """
+        t2i_text = text_ids if t2i_text_ids is None else t2i_text_ids
+        i2t_image = image_ids if i2t_image_ids is None else i2t_image_ids
+        B, L = text_ids.shape
+        n = self.cfg.image_grid ** 2
+        image_ids, i2t_image = (ids.reshape([B, -1]) for ids in (image_ids, i2t_image))  # [B, n]
+        if image_ids.shape[1] != n or i2t_image.shape[1] != n or list(t2i_text.shape) != [B, L]:
+            raise ValueError(f"expected text [B, L <= {self.cfg.max_text_len}] and image [B, {n}] ids, got "
+                             f"{list(text_ids.shape)}, {list(t2i_text.shape)}, {list(image_ids.shape)} and "
+                             f"{list(i2t_image.shape)}")
+        layout = PairedLayout(self.layout(Direction.TXT2IMG, L), self.layout(Direction.IMG2TXT, L))
+        t2i = self._direction(paddle.concat([self._embed_text(t2i_text, 0), self._embed_image(image_ids, 0)], axis=1),
+                              layout.txt2img)
+        i2t = self._direction(paddle.concat([self._embed_image(i2t_image, 0), self._embed_text(text_ids, 0)], axis=1),
+                              layout.img2txt)
+        h = self._run_blocks(paddle.concat([t2i, i2t], axis=0), layout, None)  # [2B, L + n, d]
+        h_t2i, h_i2t = paddle.split(h, 2, axis=0)
+        _, img_pred, _ = paddle.split(h_t2i, [L - 1, n, 1], axis=1)  # positions L-1 .. L+n-2 predict z_1 .. z_n
+        _, txt_pred, _ = paddle.split(h_i2t, [n, L - 1, 1], axis=1)  # text positions 0 .. L-2 predict 1 .. L-1
+        return self.head_img(img_pred), self.head_txt(txt_pred)
 
     # ---------------------------------------------------------------- incremental decoding
     def prefill(self, source_ids: Tensor, cache: KVCache, prompt_ids: Tensor | None = None) -> Tensor:
