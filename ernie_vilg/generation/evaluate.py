@@ -2,7 +2,8 @@
 level), generated images judged with the shapes judge (when the items carry shapes captions).
 
 `evaluate_model` serves periodic validation (a few items); `evaluate_both_directions` is the
-quickstart's final evaluation of a checkpoint folder (writes captions.jsonl and samples/grid.png).
+quickstart's final evaluation of a checkpoint folder (writes captions.jsonl, judgements, upscaled
+grids and samples/index.html, the page for a person; adds the tokenizer's ceiling `judge_gold_*`).
 """
 from __future__ import annotations
 
@@ -39,17 +40,30 @@ def _judge(images: np.ndarray, records: list[Any]) -> tuple[dict[str, float], li
     from ernie_vilg.data.shapes_judge import judge_accuracy, judge_image
 
     results, rows = [], []
-    for img, rec in zip(images, records):
-        try:
-            res = judge_image(img, rec.text)
-        except ValueError:
-            if "attrs" not in rec.meta:
-                continue
-            res = judge_image(img, rec.meta["attrs"])
+    for index, (img, rec) in enumerate(zip(images, records)):
+        claim = _claim(rec)
+        if claim is None:
+            continue
+        res = judge_image(img, claim)
         results.append(res)
-        rows.append({"text": rec.text, **{k: v for k, v in res.to_dict().items() if k.endswith("_ok")}})
+        # `index` keys the row to its record (unjudgeable records leave gaps); the counts say
+        # why count_ok failed
+        rows.append({"index": index, "text": rec.text,
+                     **{k: v for k, v in res.to_dict().items() if k.endswith("_ok") or k.endswith("_count")}})
     acc = judge_accuracy(results)
     return {f"judge_{k}": float(v) for k, v in acc.items()}, rows
+
+
+def _claim(rec: Any) -> Optional[Any]:
+    """What the judge checks an image of `rec` against: its caption, or its ground-truth attrs when
+    the caption is outside the shapes grammar; None when neither applies."""
+    from ernie_vilg.data.shapes import parse_caption
+
+    try:
+        parse_caption(rec.text)
+        return rec.text
+    except ValueError:
+        return rec.meta.get("attrs")
 
 
 def _is_shapes(records: list[Any]) -> bool:
@@ -166,17 +180,96 @@ def evaluate_model(model: ErnieViLG, text_tokenizer: Any, image_tokenizer: Optio
     return metrics
 
 
+GRID_ITEMS = 64  # items in samples/grid*.png
+MIN_CELL = 128  # px: grids and page images are upscaled (nearest neighbour) to at least this
+
+
+def resolve_record_image(image: Optional[str], manifest: Optional[str]) -> Optional[Path]:
+    """The file of a token record's `meta["image"]`, or None. tokenize_manifest stores the path
+    as `<manifest dir>/<image>` spelt from the cwd of that run (absolute only if the manifest
+    path was), so a relative path is tried as stored, then under the manifest's folder with its
+    leading parts dropped one by one (the shards' info.json records the resolved manifest)."""
+    if not image:
+        return None
+    path = Path(image)
+    candidates = [path]
+    if not path.is_absolute() and manifest:
+        base = Path(manifest).parent
+        candidates += [base / Path(*path.parts[k:]) for k in range(len(path.parts))]
+    return next((c for c in candidates if c.is_file()), None)
+
+
+def true_images(records: list[Any], manifest: Optional[str], image_tokenizer: Optional[Any], size: int
+                ) -> tuple[list[Optional[np.ndarray]], list[str], int]:
+    """uint8 [size, size, 3] true images of `records` (center crop + resize, as the tokenizer saw
+    them), their labels, and how many files were missing. A missing or unreadable file falls back
+    to the record's gold tokens decoded by `image_tokenizer` ("gold tokens, decoded"), or None
+    without a tokenizer: the final evaluation must not die over one lost image."""
+    from ernie_vilg.data.images import ImageError, denormalize, load_image
+    from ernie_vilg.generation.pipelines import decode_image_ids
+
+    images: list[Optional[np.ndarray]] = [None] * len(records)
+    labels = ["test image"] * len(records)
+    missing = []
+    for i, rec in enumerate(records):
+        path = resolve_record_image(rec.meta.get("image"), manifest)
+        try:
+            if path is None:
+                raise ImageError(f"{rec.meta.get('image')!r}: image file not found")
+            images[i] = denormalize(load_image(path, size))
+        except ImageError as exc:
+            missing.append(i)
+            labels[i] = "missing"
+            if len(missing) <= 3:
+                log.warning("true image of item %d: %s", i, exc)
+    if missing:
+        log.warning("%d of %d true test images missing%s", len(missing), len(records),
+                    "; showing their gold tokens, decoded" if image_tokenizer is not None else "")
+    if missing and image_tokenizer is not None:
+        try:
+            decoded = decode_image_ids(image_tokenizer, np.stack([records[i].image_ids for i in missing]))
+        except Exception as exc:  # noqa: BLE001 - the page is a by-product; never lose the metrics to it
+            log.warning("cannot decode the gold tokens of the missing images: %s", exc)
+        else:
+            for i, img in zip(missing, decoded):
+                images[i] = img if img.shape[:2] == (size, size) else None
+                labels[i] = "gold tokens, decoded" if images[i] is not None else "missing"
+    return images, labels, len(missing)
+
+
+def gold_judgements(image_tokenizer: Any, records: list[Any]) -> tuple[dict[str, float], dict[int, dict[str, Any]]]:
+    """The tokenizer's ceiling on these records: their gold image ids decoded and judged against
+    the same claims as the generated images (`judge_gold_*`, via
+    `ernie_vilg.vq.evaluate.judge_gold_reconstructions`), and a judgement row per judged index."""
+    from ernie_vilg.vq.evaluate import judge_gold_reconstructions
+
+    judged = [(i, claim) for i, rec in enumerate(records) if (claim := _claim(rec)) is not None]
+    if not judged:
+        return {}, {}
+    ids = np.stack([np.asarray(records[i].image_ids, dtype=np.int64) for i, _ in judged])
+    metrics, results = judge_gold_reconstructions(image_tokenizer, ids, [c for _, c in judged],
+                                                  return_results=True)
+    rows = {i: {k: v for k, v in res.to_dict().items() if k.endswith("_ok") or k.endswith("_count")}
+            for (i, _), res in zip(judged, results)}
+    return metrics, rows
+
+
 def evaluate_both_directions(ckpt: str | Path, shards_dir: str | Path, out_dir: str | Path, max_items: int = 200,
                              seed: int = 0, num_candidates: int = 1, cfg_scale: Optional[float] = None,
                              caption_cfg_scale: Optional[float] = None) -> dict[str, float]:
-    """Score a checkpoint on held-out token shards; writes OUT/captions.jsonl, OUT/judgements.jsonl
-    and OUT/samples/grid.png (first 64 generated images); with `num_candidates` > 1 also the
-    best-of-N picks (OUT/judgements_best_of_N.jsonl, OUT/samples/grid_best_of_N.png). Guidance
-    scales default to the checkpoint's Generation.cfg_scale / caption_cfg_scale. Returns the metrics."""
+    """Score a checkpoint on held-out token shards; writes OUT/captions.jsonl, OUT/judgements.jsonl,
+    OUT/samples/grid.png (first 64 generated images) and OUT/samples/grid_true.png (their true
+    images), and OUT/samples/index.html (every item: sample, true image, captions, verdicts; see
+    generation/sample_pages.py); with `num_candidates` > 1 also the best-of-N picks
+    (OUT/judgements_best_of_N.jsonl, OUT/samples/grid_best_of_N.png). Grid cells are upscaled
+    to >= 128 px. For shapes captions the metrics include `judge_gold_*`, the judge on the
+    records' own gold tokens decoded (the tokenizer's ceiling). Guidance scales default to the
+    checkpoint's Generation.cfg_scale / caption_cfg_scale. Returns the metrics."""
     import paddle
 
     from ernie_vilg.data.token_shards import TokenShards
     from ernie_vilg.generation.pipelines import load_bundle, save_grid
+    from ernie_vilg.generation.sample_pages import SampleRow, write_sample_page
 
     bundle = load_bundle(ckpt)
     shards = TokenShards(shards_dir)
@@ -186,6 +279,13 @@ def evaluate_both_directions(ckpt: str | Path, shards_dir: str | Path, out_dir: 
                                                records, bundle.cfg, seed, with_meteor=True,
                                                num_candidates=num_candidates, progress=True,
                                                cfg_scale=cfg_scale, caption_cfg_scale=caption_cfg_scale)
+    gold_rows: dict[int, dict[str, Any]] = {}
+    if bundle.image_tokenizer is not None and records and _is_shapes(records):
+        try:
+            gold, gold_rows = gold_judgements(bundle.image_tokenizer, records)
+            metrics.update(gold)
+        except ValueError as exc:  # e.g. shards tokenized by another tokenizer (ids outside its codebook)
+            log.warning("judge_gold_* skipped: %s", exc)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     with (out / "captions.jsonl").open("w", encoding="utf-8") as fh:
@@ -193,16 +293,35 @@ def evaluate_both_directions(ckpt: str | Path, shards_dir: str | Path, out_dir: 
             rec = records[int(key)]
             fh.write(json.dumps({"id": key, "image": rec.meta.get("image"), "caption": caption,
                                  "references": outputs["references"][key]}, ensure_ascii=False) + "\n")
+    samples = out / "samples"
+    samples.mkdir(exist_ok=True)
+    size = outputs["images"].shape[1] if "images" in outputs else bundle.cfg.Data.image_size
+    truth, truth_labels, missing = true_images(records, shards.info.get("manifest"), bundle.image_tokenizer, size)
+    metrics["true_images_missing"] = float(missing)
     if "images" in outputs:
-        (out / "samples").mkdir(exist_ok=True)
-        save_grid(outputs["images"][:64], out / "samples" / "grid.png")
+        save_grid(outputs["images"][:GRID_ITEMS], samples / "grid.png", min_cell=MIN_CELL)
+        blank = np.zeros_like(outputs["images"][0])
+        save_grid(np.stack([t if t is not None else blank for t in truth[:GRID_ITEMS]]), samples / "grid_true.png",
+                  min_cell=MIN_CELL)
     if "images_best" in outputs:
-        save_grid(outputs["images_best"][:64], out / "samples" / f"grid_best_of_{num_candidates}.png")
+        save_grid(outputs["images_best"][:GRID_ITEMS], samples / f"grid_best_of_{num_candidates}.png",
+                  min_cell=MIN_CELL)
     files = {"judgements": "judgements.jsonl", "judgements_best": f"judgements_best_of_{num_candidates}.jsonl"}
     for key, name in files.items():
         if key in outputs:
             with (out / name).open("w", encoding="utf-8") as fh:
                 for row in outputs[key]:
                     fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+    verdicts = {key: {row["index"]: row for row in outputs.get(key, [])} for key in files}
+    rows = [SampleRow(index=i, caption=rec.text, generated=outputs["images"][i] if "images" in outputs else None,
+                      true_image=truth[i], true_label=truth_labels[i],
+                      best=outputs["images_best"][i] if "images_best" in outputs else None,
+                      generated_caption=outputs["captions"].get(str(i), ""),
+                      references=list(outputs["references"].get(str(i), [])),
+                      verdict=verdicts["judgements"].get(i), verdict_best=verdicts["judgements_best"].get(i),
+                      verdict_gold=gold_rows.get(i))
+            for i, rec in enumerate(records)]
     metrics["count"] = float(len(records))
+    page = write_sample_page(samples, rows, metrics)
+    log.info("samples page: %s", page)
     return metrics

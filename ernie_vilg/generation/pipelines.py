@@ -152,10 +152,16 @@ def caption_images(bundle: VilgBundle, image_paths: Sequence[str | Path], strate
     return captions
 
 
-def save_grid(images: np.ndarray, path: str | Path, columns: int = 0) -> None:
-    """uint8 images [N, H, W, 3] -> one PNG grid (columns default: ceil(sqrt(N)))."""
+def save_grid(images: np.ndarray, path: str | Path, columns: int = 0, min_cell: int = 0) -> None:
+    """uint8 images [N, H, W, 3] -> one PNG grid (columns default: ceil(sqrt(N))). With
+    `min_cell` > 0 each image is first upscaled (nearest neighbour, integer factor) so that a
+    cell is at least `min_cell` pixels; 0 keeps the images' own size."""
     from PIL import Image
 
+    if min_cell > 0:
+        from ernie_vilg.generation.sample_pages import upscale_nearest
+
+        images = upscale_nearest(images, min_cell)
     n, h, w, _ = images.shape
     cols = columns or int(np.ceil(np.sqrt(n)))
     rows = int(np.ceil(n / cols))
