@@ -18,7 +18,7 @@ more cells, so it is at most as strict).
 
 Prints and writes (`--out`) JSON: `judge_gold_{shape,colour,position,size,count,all}`, the
 object-level `judge_gold_object_*`, and a breakdown: object-level shape and size accuracy per
-claimed shape and the shape confusion (claimed -> judged) of the matched objects.
+claimed shape and per claimed size and the shape confusion (claimed -> judged) of the matched objects.
 """
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 def breakdown(results: list[Any]) -> dict[str, Any]:
     """Object-level accuracies per claimed shape and the claimed -> judged shape confusion."""
     per_shape: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0])  # shape_ok, size_ok, n
-    per_size: dict[str, list[int]] = defaultdict(lambda: [0, 0])  # size_ok, n
+    per_size: dict[str, list[int]] = defaultdict(lambda: [0, 0, 0])  # size_ok, shape_ok, n
     confusion: Counter = Counter()
     for res in results:
         for obj in res.objects:
@@ -47,12 +47,14 @@ def breakdown(results: list[Any]) -> dict[str, Any]:
             per_shape[shape][2] += 1
             if obj.claim.get("size") is not None:
                 per_size[obj.claim["size"]][0] += obj.size_ok
-                per_size[obj.claim["size"]][1] += 1
+                per_size[obj.claim["size"]][1] += obj.shape_ok
+                per_size[obj.claim["size"]][2] += 1
             confusion[f"{shape}->{obj.match.shape if obj.match else 'none'}"] += 1
     return {
         "object_shape_by_shape": {k: round(v[0] / v[2], 4) for k, v in sorted(per_shape.items())},
         "object_size_by_shape": {k: round(v[1] / v[2], 4) for k, v in sorted(per_shape.items())},
-        "object_size_by_size": {k: round(v[0] / v[1], 4) for k, v in sorted(per_size.items())},
+        "object_size_by_size": {k: round(v[0] / v[2], 4) for k, v in sorted(per_size.items())},
+        "object_shape_by_size": {k: round(v[1] / v[2], 4) for k, v in sorted(per_size.items())},
         "shape_confusion": dict(sorted(confusion.items())),
     }
 
