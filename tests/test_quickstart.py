@@ -31,3 +31,25 @@ def test_smoke_quickstart_writes_metrics_grid_and_captions_then_resumes(tmp_path
     assert second.returncode == 0, second.stderr[-2000:]
     assert "image tokenizer: already trained" in second.stdout
     assert "ERNIE-ViLG: already trained" in second.stdout
+
+
+def test_long_plan_is_the_quickstart_recipe_trained_longer_with_every_checkpoint_kept():
+    from ernie_vilg.quickstart import LONG_PLAN, QuickstartPlan, REPO_CONFIGS
+    from ernie_vilg.config import load_config
+
+    quick, long = QuickstartPlan(), LONG_PLAN
+    # stages 1-4 are shared: the same world and tokenizer, another stage-5 folder and eval folder
+    for key in ("num_train", "image_size", "jitter", "seed", "vq_config", "max_objects"):
+        assert getattr(long, key) == getattr(quick, key), key
+    assert (long.vilg_dir, long.eval_dir) != (quick.vilg_dir, quick.eval_dir)
+    q, l = load_config(REPO_CONFIGS / quick.vilg_config, []), load_config(REPO_CONFIGS / long.vilg_config, [])
+    assert l.Model == q.Model and l.Optimizer == q.Optimizer and l.Data == q.Data
+    assert l.Train.cond_drop == q.Train.cond_drop and l.Generation == q.Generation
+    assert l.Train.max_minutes >= 60 and l.Train.max_steps > q.Train.max_steps
+    assert l.Train.keep_last == 0 and 0 < l.Train.save_every <= l.Train.max_steps // 10
+
+
+def test_quickstart_refuses_smoke_and_long_together(repo_root):
+    out = subprocess.run([sys.executable, str(repo_root / "tools/quickstart.py"), "--smoke", "--long"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "pick one" in out.stderr
