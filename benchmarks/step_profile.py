@@ -45,7 +45,9 @@ def main() -> None:
     from ernie_vilg.training.trainer import build_optimizer
 
     configure_threads(args.threads)
-    cfg = load_config(os.path.join(HERE, "..", "configs", "vilg", "shapes.yaml"),
+    # the configs of the checkout whose package is imported (an older one has older keys)
+    configs = os.path.join(os.path.dirname(os.path.dirname(ernie_vilg.__file__)), "configs")
+    cfg = load_config(os.path.join(configs, "vilg", "shapes.yaml"),
                       ["Model.text_vocab_size=700", "Model.image_vocab_size=512", f"Model.image_grid={args.grid}"])
     paddle.seed(0)
     model = ErnieViLG(cfg.Model)

@@ -138,3 +138,22 @@ def test_contiguous_views_flag_is_set_for_cpu_builds_only_and_never_overrides_th
 def test_keep_freed_memory_leaves_a_users_malloc_settings_alone(monkeypatch) -> None:
     monkeypatch.setenv("MALLOC_TOP_PAD_", "0")
     assert runtime.keep_freed_memory() is False
+
+
+@pytest.mark.parametrize("max_keys", [0, 10_000])  # 0: every step gathers its visible keys; else masked scores
+@pytest.mark.parametrize("direction", list(Direction))
+def test_both_decoding_step_cores_equal_the_uncached_reference(monkeypatch, max_keys: int, direction) -> None:
+    from ernie_vilg.generation.decoding import CachedStepper, FullStepper
+    from ernie_vilg.models import attention
+
+    monkeypatch.setattr(attention, "MASKED_STEP_MAX_KEYS", max_keys)
+    model = build("sparse_blockwise")
+    text, image = (t.numpy() for t in random_batch(5))
+    source = text if direction is Direction.TXT2IMG else image.reshape(image.shape[0], -1)
+    targets = image.reshape(image.shape[0], -1) if direction is Direction.TXT2IMG else text
+    cached, full = CachedStepper(model, direction, text_len=text.shape[1]), FullStepper(model, direction, text_len=text.shape[1])
+    first = cached.start(source), full.start(source)
+    if direction is Direction.TXT2IMG:  # image-to-text: [CLS] is given, its prediction unused
+        np.testing.assert_allclose(*first, atol=1e-4)
+    for j in range(targets.shape[1] - 1):
+        np.testing.assert_allclose(cached.step(targets[:, j]), full.step(targets[:, j]), atol=1e-4, err_msg=str(j))

@@ -50,6 +50,10 @@ if TYPE_CHECKING:  # the cache lives with the decoding loops; the model only rea
     from ernie_vilg.generation.cache import LayerKV
 
 Tensor = paddle.Tensor
+# decoding steps of streams up to this many positions score the whole cache under a mask instead of
+# gathering the visible keys (measured faster at the quickstart's sizes: docs/benchmarks.md,
+# "Generation speed"); longer streams (the paper's 1,088) gather, so a step's cost follows its pattern
+MASKED_STEP_MAX_KEYS = 512
 
 
 def _masked_softmax_attend(q: Tensor, k: Tensor, v: Tensor, additive: Tensor | None) -> Tensor:
@@ -223,6 +227,7 @@ class SelfAttention(nn.Layer):
         self.dropout = nn.Dropout(dropout)
         # additive (L+n)^2 masks of the dense cores, built once per layout
         self._mask_cache: dict[StreamLayout, Tensor] = {}
+        self._step_masks: dict[tuple[StreamLayout, int], Tensor] = {}  # incremental decoding, per position
 
     def _heads(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         B, T, _ = x.shape
@@ -287,6 +292,15 @@ class SelfAttention(nn.Layer):
         probs = F.softmax(scores, axis=-1).reshape([B2, H, T, T])
         return paddle.matmul(probs, v)
 
+    def _step_mask(self, layout: StreamLayout, position: int) -> Tensor:
+        """Additive [1, T]: 0 on the keys the target token at `position` sees, fill elsewhere."""
+        key = (layout, position)
+        if key not in self._step_masks:
+            seen = np.zeros((1, layout.total), dtype=bool)
+            seen[0, visible_keys(layout, self.kind, position)] = True
+            self._step_masks[key] = to_additive(seen, self.fill_value)
+        return self._step_masks[key]
+
     def step(self, x: Tensor, layout: StreamLayout, position: int, cache: LayerKV) -> Tensor:
         """One new target token at stream `position`: x [B, 1, d] -> [B, 1, d].
 
@@ -295,6 +309,11 @@ class SelfAttention(nn.Layer):
         """
         q, k, v = self._heads(x)  # [B, H, 1, D]
         cache.write(position, k, v)
+        if layout.total <= MASKED_STEP_MAX_KEYS:
+            # short streams: score the whole cache (unwritten positions hold zeros) and mask what this
+            # position may not see; a matmul over T keys is cheaper here than gathering the K visible
+            # ones (the gather copies [B, H, K, D] every step: 48 % of image sampling at 8 x 8 tokens)
+            return self._merge(_masked_softmax_attend(q, cache.key, cache.value, self._step_mask(layout, position)))
         idx = paddle.to_tensor(visible_keys(layout, self.kind, position))  # [K]
         keys = paddle.index_select(cache.key, idx, axis=2)  # [B, H, K, D]
         values = paddle.index_select(cache.value, idx, axis=2)
