@@ -51,6 +51,8 @@ class QuickstartPlan:
     # text-to-image samples per test caption; > 1 adds best-of-N (ranked by the model's own caption
     # likelihood) next to the single-sample judge scores
     eval_candidates: int = 8
+    # stage 5 as this many one-thread data-parallel processes (1 = in this process, all threads)
+    vilg_processes: int = 2
 
 
 # A smoke version of the same pipeline for the end-to-end test (minutes -> seconds).
@@ -63,7 +65,9 @@ SMOKE_PLAN = QuickstartPlan(
 
 # The convergence study's long recipe (configs/vilg/shapes_long.yaml, `tools/quickstart.py --long`):
 # the same world, tokenizer and model, trained about an hour with a checkpoint every 1,000 steps.
-LONG_PLAN = replace(QuickstartPlan(), vilg_config="vilg/shapes_long.yaml", vilg_dir="vilg_long", eval_dir="long")
+# Measured in one process of one thread (docs/benchmarks.md), hence vilg_processes=1.
+LONG_PLAN = replace(QuickstartPlan(), vilg_config="vilg/shapes_long.yaml", vilg_dir="vilg_long", eval_dir="long",
+                    vilg_processes=1)
 
 
 def _banner(text: str) -> None:
@@ -130,16 +134,18 @@ def run_quickstart(out: str | Path, plan: Optional[QuickstartPlan] = None, threa
 
     # 5. ERNIE-ViLG --------------------------------------------------------------------------
     t0 = time.time()
-    vilg_cfg = _load(plan.vilg_config, [
+    vilg_overrides = [
         f"Global.output_dir={out / plan.vilg_dir}", f"Global.seed={plan.seed}",
         f"Data.train_shards={out / 'tokens' / 'train'}", f"Data.val_shards={out / 'tokens' / 'val'}",
         f"Data.vocab_file={vocab}", f"Data.tokenizer_ckpt={vq_ckpt}", *plan.vilg_overrides,
-    ])
+    ]
+    vilg_cfg = _load(plan.vilg_config, vilg_overrides)
     started = out / plan.vilg_dir / "started_at.txt"  # wall-clock origin of the convergence study
     if not started.is_file():
         started.parent.mkdir(parents=True, exist_ok=True)
         started.write_text(f"{time.time():.3f}\n", encoding="utf-8")
-    vilg_ckpt = _train_stage(vilg_cfg, "5/6 ERNIE-ViLG", f"both directions, {plan.vilg_config}")
+    vilg_ckpt = _train_stage(vilg_cfg, "5/6 ERNIE-ViLG", f"both directions, {plan.vilg_config}",
+                             launch=(plan.vilg_config, vilg_overrides, plan.vilg_processes))
     timings["vilg"] = time.time() - t0
 
     # 6. evaluation -------------------------------------------------------------------------
@@ -160,9 +166,14 @@ def run_quickstart(out: str | Path, plan: Optional[QuickstartPlan] = None, threa
     return result
 
 
-def _train_stage(cfg: Config, label: str, what: str) -> Path:
+def _train_stage(cfg: Config, label: str, what: str,
+                 launch: Optional[tuple[str, list[str], int]] = None) -> Path:
     """Train one stage with the Trainer unless its newest checkpoint already reached max_steps
-    (a run stopped early, e.g. by Train.max_minutes, resumes from its checkpoint)."""
+    (a run stopped early, e.g. by Train.max_minutes, resumes from its checkpoint).
+
+    `launch` = (config name, overrides, processes): with processes > 1 the stage runs as that many
+    one-thread data-parallel processes (paddle.distributed.launch over gloo, the same global batch);
+    if the launch fails, it says why and trains in this process instead."""
     from ernie_vilg.runtime import seed_everything
     from ernie_vilg.training.checkpoint import latest_checkpoint
     from ernie_vilg.training.module import module_for
@@ -173,12 +184,51 @@ def _train_stage(cfg: Config, label: str, what: str) -> Path:
     if ckpt is not None and _meta_step(ckpt) >= cfg.Train.max_steps:
         _banner(f"{label}: already trained")
         return ckpt
-    _banner(f"{label} ({what})")
+    if launch is not None and launch[2] > 1:
+        _banner(f"{label} ({what}; {launch[2]} data-parallel processes x 1 thread)")
+        if _launch_data_parallel(cfg, *launch):
+            ckpt = latest_checkpoint(root)
+            if ckpt is not None:  # fit() always ends with a save (also when max_minutes stops it)
+                return ckpt
+        log.warning("data-parallel launch failed (see %s): training in this process",
+                    Path(cfg.Global.output_dir) / "launch_logs")
+    else:
+        _banner(f"{label} ({what})")
     seed_everything(cfg.Global.seed)
     Trainer(cfg, module_for(cfg)).fit()
     ckpt = latest_checkpoint(root)
     assert ckpt is not None  # fit() always ends with a save
     return ckpt
+
+
+def _launch_data_parallel(cfg: Config, config_name: str, overrides: list[str], processes: int) -> bool:
+    """tools/train.py under paddle.distributed.launch: `processes` CPU ranks of one thread each.
+
+    Measured on the 2-core dev machine, stage 5 of the quickstart: 0.163 s per global batch-16
+    step with 2 x 1 thread against 0.225 s with one process of 2 threads (Paddle's own threads
+    speed this model up only 1.16x: most of its kernels are single-threaded; docs/benchmarks.md,
+    "Quickstart (session 6)"). Each rank takes batch_size / processes of the same global batch."""
+    import os
+    import socket
+    import subprocess
+    import sys
+
+    if cfg.Data.batch_size % processes:
+        log.warning("Data.batch_size %d is not divisible by %d processes", cfg.Data.batch_size, processes)
+        return False
+    with socket.socket() as sock:  # a free port for the rendezvous
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    logs = Path(cfg.Global.output_dir) / "launch_logs"
+    cmd = [sys.executable, "-m", "paddle.distributed.launch", "--nproc_per_node", str(processes),
+           "--master", f"127.0.0.1:{port}", "--log_dir", str(logs), str(REPO_CONFIGS.parent / "tools" / "train.py"),
+           "-c", str(REPO_CONFIGS / config_name)]
+    for item in [*overrides, f"Distributed.dp_degree={processes}", "Distributed.sharding_degree=1",
+                 "Global.num_threads=1", f"Data.batch_size={cfg.Data.batch_size // processes}"]:
+        cmd += ["-o", item]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run(cmd, env=env)
+    return proc.returncode == 0
 
 
 def _meta_step(ckpt: Path) -> int:
