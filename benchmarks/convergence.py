@@ -28,7 +28,8 @@ def _saved_at(ckpt: Path) -> float:
     return datetime.fromisoformat(meta["time"]).timestamp()
 
 
-def judge_checkpoints(run: Path, shards: Path, max_items: int, seed: int, start: float | None) -> list[dict[str, Any]]:
+def judge_checkpoints(run: Path, shards: Path, max_items: int, seed: int, start: float | None,
+                      pauses: list[tuple[float, float]] = (), cfg_scale: float | None = None) -> list[dict[str, Any]]:
     import paddle
 
     from ernie_vilg.data.token_shards import TokenShards
@@ -54,9 +55,11 @@ def judge_checkpoints(run: Path, shards: Path, max_items: int, seed: int, start:
         t0 = time.time()
         with paddle.no_grad():
             judge, _ = image_direction(bundle.model, bundle.text_tokenizer, bundle.image_tokenizer, records,
-                                       bundle.cfg, seed=seed)
+                                       bundle.cfg, seed=seed, cfg_scale=cfg_scale)
             captions, _ = caption_direction(bundle.model, bundle.text_tokenizer, records, bundle.cfg)
-        row = {"step": step, "minutes": (_saved_at(ckpt) - start) / 60, "eval_seconds": time.time() - t0,
+        saved = _saved_at(ckpt)
+        paused = sum(seconds for at, seconds in pauses if at < saved)  # the run was stopped meanwhile
+        row = {"step": step, "minutes": (saved - start - paused) / 60, "eval_seconds": time.time() - t0,
                **{a: judge.get(f"judge_{a}", float("nan")) for a in ATTRS},
                "caption_BLEU-4": captions.get("caption_BLEU-4"), "caption_CIDEr": captions.get("caption_CIDEr")}
         rows.append(row)
@@ -94,13 +97,21 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--start", type=float, default=None, help="the run's start (epoch seconds)")
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--pause", action="append", default=[], metavar="EPOCH:SECONDS",
+                   help="the run was stopped (SIGSTOP) at EPOCH for SECONDS: not counted as training time")
+    p.add_argument("--cfg-scale", type=float, default=None, help="guidance scale (default: each checkpoint's)")
     p.add_argument("--title", default="text-to-image on the shapes world (configs/vilg/shapes_long.yaml)")
     args = p.parse_args()
     import ernie_vilg  # noqa: F401  (runtime flags before paddle loads)
     from ernie_vilg.runtime import configure_threads
 
     configure_threads(args.threads)
-    rows = judge_checkpoints(Path(args.run), Path(args.shards), args.max_items, args.seed, args.start)
+    try:
+        pauses = [(float(a), float(b)) for a, b in (item.split(":") for item in args.pause)]
+    except ValueError:
+        raise SystemExit(f"--pause takes EPOCH:SECONDS, got {args.pause}")
+    rows = judge_checkpoints(Path(args.run), Path(args.shards), args.max_items, args.seed, args.start, pauses,
+                             args.cfg_scale)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(rows, indent=1), encoding="utf-8")
