@@ -245,3 +245,27 @@ def test_evaluation_without_any_true_image_or_tokenizer_fallback_still_finishes(
     p = parse(t["out"] / "samples" / "index.html")
     assert p.rows == list(range(t["n"])) and not p.true_labels  # no true image shown, none invented
     assert "judge_gold_all" in metrics and "judge_shape" in metrics
+
+
+def test_judge_reports_accuracy_by_the_number_of_objects_named() -> None:
+    """`judge_objectsN_*`: true images of 1- and 2-object scenes score 1; blanking the 2-object
+    images drops only their group."""
+    from types import SimpleNamespace
+
+    from ernie_vilg.data.shapes import caption_with_template, render_scene, sample_scene
+    from ernie_vilg.generation.evaluate import _judge
+
+    rng = np.random.default_rng(0)
+    images, records = [], []
+    for count in (1, 1, 2, 2, 2):
+        scene = sample_scene(rng, min_objects=count, max_objects=count, jitter=False)
+        images.append(np.asarray(render_scene(scene, 48)))
+        records.append(SimpleNamespace(text=caption_with_template(scene, "t1", rng), meta={"attrs": scene.to_attrs()}))
+    metrics, _ = _judge(np.stack(images), records)
+    assert metrics["judge_objects1_n"] == 2 and metrics["judge_objects2_n"] == 3
+    assert metrics["judge_objects1_all"] == 1.0 and metrics["judge_objects2_all"] == 1.0
+    blanked = np.stack(images)
+    blanked[2:] = 0  # no object left in the 2-object images
+    metrics, _ = _judge(blanked, records)
+    assert metrics["judge_objects1_all"] == 1.0 and metrics["judge_objects2_all"] == 0.0
+    assert metrics["judge_all"] == pytest.approx(2 / 5)

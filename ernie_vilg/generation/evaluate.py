@@ -51,7 +51,17 @@ def _judge(images: np.ndarray, records: list[Any]) -> tuple[dict[str, float], li
         rows.append({"index": index, "text": rec.text,
                      **{k: v for k, v in res.to_dict().items() if k.endswith("_ok") or k.endswith("_count")}})
     acc = judge_accuracy(results)
-    return {f"judge_{k}": float(v) for k, v in acc.items()}, rows
+    metrics = {f"judge_{k}": float(v) for k, v in acc.items()}
+    # image-level accuracy by the number of objects the caption names: multi-object scenes are
+    # where attribute binding fails (docs/benchmarks.md, "Quickstart (session 6)")
+    by_count: dict[int, list[Any]] = {}
+    for res, row in zip(results, rows):
+        by_count.setdefault(int(row["claimed_count"]), []).append(res)
+    for count, group in sorted(by_count.items()):
+        for key, value in judge_accuracy(group).items():
+            if not key.startswith("object_"):
+                metrics[f"judge_objects{count}_{key}"] = float(value)
+    return metrics, rows
 
 
 def _claim(rec: Any) -> Optional[Any]:
