@@ -37,7 +37,8 @@ from ernie_vilg.training.checkpoint import (  # noqa: E402
 )
 
 REPO = Path(__file__).resolve().parents[1]
-STEPS = 10
+# enough steps that six bounded attempts (each kills within a few steps of its start) never finish the run
+STEPS = 24
 SLOW_SAVE = 0.25  # seconds each checkpoint fsync sleeps in the killed runs
 
 ZYGOTE = r"""
@@ -173,8 +174,11 @@ def test_sigkill_at_random_moments_and_mid_checkpoint_then_resume_equals_uninter
             if mode == "mid-save":  # after this run has saved once: in the middle of its next save
                 hit = wait_for(lambda: step_of(latest_checkpoint(root)) > before and half_written(root, pid),
                                timeout=60)
-            else:
-                time.sleep(rng.uniform(0.3, 2.0))
+            else:  # a random moment, at most a couple of saves into this attempt: steps got fast, and an
+                # attempt that outruns the kill finishes the job and leaves nothing to resume
+                saves = rng.randint(0, 2)
+                wait_for(lambda: step_of(latest_checkpoint(root)) >= before + saves, timeout=60)
+                time.sleep(rng.uniform(0.0, 0.3))
                 hit = False
             try:
                 os.kill(pid, signal.SIGKILL)

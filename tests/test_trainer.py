@@ -151,3 +151,31 @@ def test_validate_gets_the_users_layer_not_the_distributed_wrapper(tmp_path):
     trainer.fit()
     assert seen and all(m is trainer.inner for m in seen)
     assert [r["val_metric"] for r in trainer.history if r.get("split") == "val"][-1] == 2.0
+
+
+def test_a_dead_writers_leftover_is_pruned_even_while_it_is_an_unreaped_zombie(tmp_path):
+    """A writer SIGKILLed with its launcher stays a zombie where pid 1 does not reap (some containers);
+    its half-written folder must still count as dead, or every later run keeps it forever."""
+    import os
+    import time
+
+    from ernie_vilg.training.checkpoint import prune_checkpoints
+
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    try:
+        deadline = time.time() + 10
+        while open(f"/proc/{pid}/stat").read().rsplit(")", 1)[-1].split()[0] != "Z" and time.time() < deadline:
+            time.sleep(0.01)
+        root = tmp_path / "checkpoints"
+        leftover = root / f"step-00000003.tmp-{pid}"
+        leftover.mkdir(parents=True)
+        (leftover / "model.pdparams").write_bytes(b"half")
+        alive = root / f"step-00000004.tmp-{os.getppid()}"  # a live writer's folder stays
+        alive.mkdir()
+        prune_checkpoints(root, keep_last=2)
+        assert not leftover.exists()
+        assert alive.exists()
+    finally:
+        os.waitpid(pid, 0)

@@ -279,7 +279,13 @@ def _pid_alive(pid: int) -> bool:
         return False
     except PermissionError:
         return True
-    return True
+    # a killed writer whose parent died too stays a zombie where pid 1 does not reap (some containers):
+    # it answers signal 0 but will never finish its save
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True  # no procfs: trust the signal
+    return stat.rsplit(")", 1)[-1].split()[0] != "Z"
 
 
 def latest_checkpoint(root: str | Path) -> Optional[Path]:
