@@ -39,10 +39,11 @@ def _config(grid: int, impl: str):
     from ernie_vilg.config import load_config
 
     kernel = 5 if grid <= 16 else 11
-    return load_config(os.path.join(HERE, "..", "configs", "vilg", "shapes.yaml"),
-                       [f"Model.text_vocab_size={TEXT_VOCAB}", f"Model.image_vocab_size={IMAGE_VOCAB}",
-                        f"Model.image_grid={grid}", f"Model.conv_kernel={kernel}",
-                        f"Model.attention_impl={impl}", f"Data.batch_size={BATCH}"])
+    overrides = [f"Model.text_vocab_size={TEXT_VOCAB}", f"Model.image_vocab_size={IMAGE_VOCAB}",
+                 f"Model.image_grid={grid}", f"Model.conv_kernel={kernel}", f"Data.batch_size={BATCH}"]
+    if impl:  # "" = the shipped config's attention_impl
+        overrides.append(f"Model.attention_impl={impl}")
+    return load_config(os.path.join(HERE, "..", "configs", "vilg", "shapes.yaml"), overrides)
 
 
 def _masks(cfg) -> list[list[np.ndarray]]:
@@ -187,7 +188,7 @@ def _time_steps(step, steps: int) -> float:
 # ------------------------------------------------------------------------------ driver
 def _worker(which: str, grid: int, args: argparse.Namespace) -> dict[str, Any]:
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", which, "--grid", str(grid),
-           "--threads", str(args.threads), "--steps", str(args.steps), "--impl", args.impl]
+           "--threads", str(args.threads), "--steps", str(args.steps), "--impl", args.impl or ""]
     out = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=os.path.join(HERE, "..")))
     if out.returncode:
         raise SystemExit(f"{which} worker failed at grid {grid}:\n{out.stderr[-2000:]}")
@@ -200,7 +201,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--rounds", type=int, default=5, help="alternating peer / ours rounds per grid")
     p.add_argument("--steps", type=int, default=5, help="timed steps per round (after 2 warm-up steps)")
-    p.add_argument("--impl", default="auto", help="our Model.attention_impl (default: the shipped config's)")
+    p.add_argument("--impl", default="", help="our Model.attention_impl (default: the shipped config's)")
     p.add_argument("--out", default="", help="also write the rows as JSON here")
     p.add_argument("--worker", choices=["torch", "ours"], help=argparse.SUPPRESS)
     p.add_argument("--grid", type=int, default=8, help=argparse.SUPPRESS)

@@ -115,6 +115,10 @@ class TrainConfig:
     # classifier-free guidance (models/guidance.py, docs/guidance.md): each sample's condition is
     # replaced by a null one with this probability, per direction (vilg stage; 0 = never)
     cond_drop: float = 0.0
+    # weight of each direction's term in the vilg loss (models/losses.py). The paper's objective,
+    # L = L_txt2img + L_img2txt (Eq. 3), is 1 and 1; other values are an option, not the paper
+    txt2img_weight: float = 1.0
+    img2txt_weight: float = 1.0
 
 
 @dataclass

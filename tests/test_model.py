@@ -9,7 +9,7 @@ import paddle
 import pytest
 
 from ernie_vilg.config import ModelConfig, load_config
-from ernie_vilg.models.losses import VilgCriterion
+from ernie_vilg.models.losses import VilgCriterion, bidirectional_loss
 from ernie_vilg.models.sparse_masks import Direction
 from ernie_vilg.models.transformer import ErnieViLG, count_model_params, flops_per_token, num_params
 
@@ -209,3 +209,16 @@ def test_module_validate_and_save_extras(stage_cfg, tmp_path) -> None:
     assert (tmp_path / "vocab.txt").read_text(encoding="utf-8") == Path(stage_cfg.Data.vocab_file).read_text(
         encoding="utf-8")
     assert json.loads((tmp_path / "vilg.json").read_text())["vocab"] == "vocab.txt"
+
+
+def test_direction_weights_scale_each_term_and_default_to_the_papers_sum() -> None:
+    model = build()
+    text, image = random_batch(3)
+    plain = bidirectional_loss(model, VilgCriterion(pad_id=0), text, image)
+    assert float(plain.total) == float(plain.txt2img + plain.img2txt)
+    weighted = bidirectional_loss(model, VilgCriterion(pad_id=0, txt2img_weight=3.0, img2txt_weight=0.5), text, image)
+    np.testing.assert_allclose(float(weighted.txt2img), float(plain.txt2img), rtol=1e-6)
+    np.testing.assert_allclose(float(weighted.total), 3.0 * float(plain.txt2img) + 0.5 * float(plain.img2txt),
+                               rtol=1e-6)
+    with pytest.raises(ValueError, match="loss weights"):
+        VilgCriterion(pad_id=0, txt2img_weight=-1.0)

@@ -4,6 +4,9 @@ Each direction is a token-mean negative log-likelihood over its target tokens: e
 for text-to-image, the non-padding text targets (w_1 .. [SEP]) for image-to-text. Token means
 (rather than the sums of Eq. 4-5) keep the two terms on one scale whatever n and m are; the
 per-direction values are returned for logging.
+
+`VilgCriterion(txt2img_weight=, img2txt_weight=)` (`Train.txt2img_weight` / `img2txt_weight`) weights
+the two terms; both default to 1, the paper's objective.
 """
 from __future__ import annotations
 
@@ -35,9 +38,13 @@ def token_nll(logits: Tensor, targets: Tensor, loss_mask: Tensor | None = None) 
 class VilgCriterion(nn.Layer):
     """(image logits, image ids, text logits, text ids) -> VilgLoss."""
 
-    def __init__(self, pad_id: int) -> None:
+    def __init__(self, pad_id: int, txt2img_weight: float = 1.0, img2txt_weight: float = 1.0) -> None:
         super().__init__()
+        if txt2img_weight < 0 or img2txt_weight < 0 or txt2img_weight + img2txt_weight <= 0:
+            raise ValueError(f"loss weights must be >= 0 and not both 0, got txt2img {txt2img_weight}, "
+                             f"img2txt {img2txt_weight}")
         self.pad_id = pad_id
+        self.txt2img_weight, self.img2txt_weight = float(txt2img_weight), float(img2txt_weight)
 
     def forward(self, image_logits: Tensor, image_ids: Tensor, text_logits: Tensor, text_ids: Tensor) -> VilgLoss:
         """image_logits [B, n, V_img], image_ids [B, h, w] or [B, n]; text_logits [B, L-1, V_txt]
@@ -46,7 +53,9 @@ class VilgCriterion(nn.Layer):
         loss_t2i = token_nll(image_logits, image_targets)
         text_targets = text_ids[:, 1:]  # [B, L - 1]: w_1 .. [SEP] then padding
         loss_i2t = token_nll(text_logits, text_targets, text_targets != self.pad_id)
-        return VilgLoss(loss_t2i + loss_i2t, loss_t2i, loss_i2t)
+        if self.txt2img_weight == 1.0 and self.img2txt_weight == 1.0:  # the paper's sum, bit for bit
+            return VilgLoss(loss_t2i + loss_i2t, loss_t2i, loss_i2t)
+        return VilgLoss(self.txt2img_weight * loss_t2i + self.img2txt_weight * loss_i2t, loss_t2i, loss_i2t)
 
 
 def bidirectional_loss(model: nn.Layer, criterion: VilgCriterion, text_ids: Tensor, image_ids: Tensor,
