@@ -179,7 +179,9 @@ def train_and_sample(args: argparse.Namespace) -> dict[str, Any]:
     attn_types = tuple(args.attn_types.split(","))
     model = DALLE(dim=128, vae=vae, num_text_tokens=vocab, text_seq_len=TEXT_LEN, depth=4, heads=4, dim_head=32,
                   attn_types=attn_types, attn_dropout=0.0, ff_dropout=0.0,
-                  optimize_for_inference=args.optimize_for_inference)
+                  optimize_for_inference=args.optimize_for_inference,
+                  rotary_emb=not args.no_rotary, shift_tokens=not args.no_shift_tokens,
+                  loss_img_weight=args.loss_img_weight)
     if model.image_seq_len != grid * grid:
         raise RuntimeError(f"DALLE image_seq_len {model.image_seq_len} != {grid * grid}")
     n_params = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("vae."))
@@ -346,6 +348,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--cond-scale", type=float, default=1.0,
                    help="classifier-free guidance scale at sampling (1: none, DALLE-pytorch's generate_images; "
                         "otherwise _guided_sample, see its doc)")
+    # ablations of DALLE-pytorch's own additions (defaults: the library's defaults), to find which of
+    # them makes it learn attribute binding faster than ours (docs/benchmarks.md, "Peer ablations")
+    p.add_argument("--no-rotary", action="store_true", help="DALLE(rotary_emb=False): learned absolute positions")
+    p.add_argument("--no-shift-tokens", action="store_true", help="DALLE(shift_tokens=False)")
+    p.add_argument("--loss-img-weight", type=float, default=7.0, help="DALLE(loss_img_weight=...) (default 7)")
     p.add_argument("--attn-types", default="axial_row,axial_row,axial_col,conv_like",
                    help="comma-separated DALLE attn_types, cycled over the 4 layers")
     p.add_argument("--optimize-for-inference", action="store_true",
