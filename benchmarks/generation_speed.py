@@ -29,6 +29,7 @@ def main() -> None:
     p.add_argument("--texts", type=int, default=64)
     p.add_argument("--candidates", type=int, default=8)
     p.add_argument("--grid", type=int, default=8)
+    p.add_argument("--impl", default="", help="Model.attention_impl (default: the checkout's shapes.yaml)")
     args = p.parse_args()
 
     import ernie_vilg  # noqa: F401  (runtime flags before paddle loads)
@@ -45,7 +46,8 @@ def main() -> None:
     # the configs of the checkout whose package is imported (an older one has older keys)
     configs = os.path.join(os.path.dirname(os.path.dirname(ernie_vilg.__file__)), "configs")
     cfg = load_config(os.path.join(configs, "vilg", "shapes.yaml"),
-                      ["Model.text_vocab_size=700", "Model.image_vocab_size=512", f"Model.image_grid={args.grid}"])
+                      ["Model.text_vocab_size=700", "Model.image_vocab_size=512", f"Model.image_grid={args.grid}"]
+                      + ([f"Model.attention_impl={args.impl}"] if args.impl else []))
     paddle.seed(0)
     model = ErnieViLG(cfg.Model)
     model.eval()

@@ -32,6 +32,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--top", type=int, default=14)
     p.add_argument("--grid", type=int, default=8)
+    p.add_argument("--impl", default="", help="Model.attention_impl (default: the checkout's shapes.yaml)")
     args = p.parse_args()
 
     import ernie_vilg  # noqa: F401  (runtime flags before paddle loads)
@@ -48,7 +49,8 @@ def main() -> None:
     # the configs of the checkout whose package is imported (an older one has older keys)
     configs = os.path.join(os.path.dirname(os.path.dirname(ernie_vilg.__file__)), "configs")
     cfg = load_config(os.path.join(configs, "vilg", "shapes.yaml"),
-                      ["Model.text_vocab_size=700", "Model.image_vocab_size=512", f"Model.image_grid={args.grid}"])
+                      ["Model.text_vocab_size=700", "Model.image_vocab_size=512", f"Model.image_grid={args.grid}"]
+                      + ([f"Model.attention_impl={args.impl}"] if args.impl else []))
     paddle.seed(0)
     model = ErnieViLG(cfg.Model)
     optimizer = build_optimizer(model, cfg)
@@ -91,7 +93,7 @@ def main() -> None:
                 and not m.group(1).startswith("Global_GradNodeAccumulation"):
             ops.append((m.group(1), int(m.group(2)) / args.steps, float(m.group(3)) / args.steps))
     ops.sort(key=lambda o: -o[2])
-    out = {"package": os.path.dirname(ernie_vilg.__file__), "threads": args.threads,
+    out = {"package": os.path.dirname(ernie_vilg.__file__), "threads": args.threads, "impl": cfg.Model.attention_impl,
            "forward_s": split[0], "backward_s": split[1], "optimizer_s": split[2], "step_s": float(split.sum()),
            "top_ops_ms_per_step": [{"op": o, "calls": c, "ms": round(ms, 2)} for o, c, ms in ops[:args.top]]}
     print(json.dumps(out, ensure_ascii=False))
