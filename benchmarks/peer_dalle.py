@@ -279,6 +279,7 @@ def train_and_sample(args: argparse.Namespace) -> dict[str, Any]:
         "peer": "dalle-pytorch", "dalle_pytorch_version": dalle_pytorch.__version__,
         "torch_version": torch.__version__, "threads": args.threads, "params_M": round(n_params / 1e6, 3),
         "attn_types": list(attn_types), "optimize_for_inference": args.optimize_for_inference,
+        "rotary_emb": not args.no_rotary, "shift_tokens": not args.no_shift_tokens, "loss_img_weight": args.loss_img_weight,
         "dim": 128, "depth": 4, "heads": 4, "dim_head": 32, "batch_size": args.batch_size, "lr": args.lr,
         "min_lr": args.min_lr, "warmup": args.warmup, "cosine_horizon": horizon,
         "null_cond_prob": args.null_cond_prob, "cond_scale": args.cond_scale, "top_k": args.top_k,

@@ -204,10 +204,10 @@ def _train_stage(cfg: Config, label: str, what: str,
 def _launch_data_parallel(cfg: Config, config_name: str, overrides: list[str], processes: int) -> bool:
     """tools/train.py under paddle.distributed.launch: `processes` CPU ranks of one thread each.
 
-    Measured on the 2-core dev machine, stage 5 of the quickstart: 0.163 s per global batch-16
-    step with 2 x 1 thread against 0.225 s with one process of 2 threads (Paddle's own threads
-    speed this model up only 1.16x: most of its kernels are single-threaded; docs/benchmarks.md,
-    "Quickstart (session 6)"). Each rank takes batch_size / processes of the same global batch."""
+    Stage 5 of the quickstart on the 2-core dev machine: 0.152 s per global batch-16 step with
+    2 x 1 thread (docs/benchmarks.md, "Quickstart (session 7)"); session 6 measured 0.225 s for
+    one process of 2 threads (Paddle's own threads speed this model up little: most of its kernels
+    are single-threaded). Each rank takes batch_size / processes of the same global batch."""
     import os
     import socket
     import subprocess

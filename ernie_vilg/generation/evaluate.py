@@ -53,7 +53,7 @@ def _judge(images: np.ndarray, records: list[Any]) -> tuple[dict[str, float], li
     acc = judge_accuracy(results)
     metrics = {f"judge_{k}": float(v) for k, v in acc.items()}
     # image-level accuracy by the number of objects the caption names: multi-object scenes are
-    # where attribute binding fails (docs/benchmarks.md, "Quickstart (session 6)")
+    # where attribute binding fails (docs/benchmarks.md, "Quickstart (session 7)")
     by_count: dict[int, list[Any]] = {}
     for res, row in zip(results, rows):
         by_count.setdefault(int(row["claimed_count"]), []).append(res)
