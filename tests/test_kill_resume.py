@@ -233,9 +233,43 @@ def launch_two(tmp: Path, name: str, argv: list[str], slow_save: float) -> subpr
     cmd = [sys.executable, "-m", "paddle.distributed.launch", "--nproc_per_node", "2", "--master",
            f"127.0.0.1:{free_port()}", "--log_dir", str(tmp / f"{name}-logs"), str(worker), str(slow_save), *argv]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    # a new session: the launcher and both workers form one process group, killed together
     return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                             start_new_session=True)
+
+
+def _children() -> dict[int, list[int]]:
+    tree: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[-1].split()
+        except OSError:
+            continue
+        tree.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    return tree
+
+
+def _dead(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[0] in ("Z", "X")
+    except OSError:
+        return True
+
+
+def kill_job(proc: subprocess.Popen) -> None:
+    """SIGKILL the launcher and every process under it. paddle.distributed.launch starts each worker in
+    its own session (os.setsid), so killing the launcher's process group leaves the workers running."""
+    tree, pids, todo = _children(), [], [proc.pid]
+    while todo:
+        pid = todo.pop()
+        pids.append(pid)
+        todo.extend(tree.get(pid, []))
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait(timeout=60)
+    assert wait_for(lambda: all(_dead(pid) for pid in pids), timeout=60), "a worker survived SIGKILL"
 
 
 def finish(proc: subprocess.Popen, tmp: Path, name: str) -> None:
@@ -257,8 +291,7 @@ def test_two_process_sharded_run_killed_mid_checkpoint_resumes_exactly(tmp_path)
     proc = launch_two(tmp_path, "killed", train_argv(data, run, sharded), SLOW_SAVE)
     # the second checkpoint: both ranks' files are going in while rank 0 has not committed
     hit = wait_for(lambda: latest_checkpoint(root) is not None and half_written(root), timeout=240)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=60)
+    kill_job(proc)
     assert hit, "the run ended before a checkpoint could be interrupted"
     assert half_written(root)  # killed with a half-written checkpoint on disk
     step = assert_newest_checkpoint_loads(root)
