@@ -33,6 +33,7 @@ from vilg_fixture import write_tiny_vilg_data  # noqa: E402
 from ernie_vilg.config import load_saved_config  # noqa: E402
 from ernie_vilg.convert.safetensors_io import build_model_for  # noqa: E402
 from ernie_vilg.training.checkpoint import (  # noqa: E402
+    _pid_alive,
     latest_checkpoint, load_model_state, load_optimizer_state, read_meta, set_model_state,
 )
 
@@ -248,13 +249,6 @@ def _children() -> dict[int, list[int]]:
     return tree
 
 
-def _dead(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[0] in ("Z", "X")
-    except OSError:
-        return True
-
-
 def kill_job(proc: subprocess.Popen) -> None:
     """SIGKILL the launcher and every process under it. paddle.distributed.launch starts each worker in
     its own session (os.setsid), so killing the launcher's process group leaves the workers running."""
@@ -269,7 +263,7 @@ def kill_job(proc: subprocess.Popen) -> None:
         except ProcessLookupError:
             pass
     proc.wait(timeout=60)
-    assert wait_for(lambda: all(_dead(pid) for pid in pids), timeout=60), "a worker survived SIGKILL"
+    assert wait_for(lambda: not any(_pid_alive(pid) for pid in pids), timeout=60), "a worker survived SIGKILL"
 
 
 def finish(proc: subprocess.Popen, tmp: Path, name: str) -> None:

@@ -53,8 +53,7 @@ class VilgCriterion(nn.Layer):
         loss_t2i = token_nll(image_logits, image_targets)
         text_targets = text_ids[:, 1:]  # [B, L - 1]: w_1 .. [SEP] then padding
         loss_i2t = token_nll(text_logits, text_targets, text_targets != self.pad_id)
-        if self.txt2img_weight == 1.0 and self.img2txt_weight == 1.0:  # the paper's sum, bit for bit
-            return VilgLoss(loss_t2i + loss_i2t, loss_t2i, loss_i2t)
+        # weights of 1.0 multiply exactly: the default is the paper's sum bit for bit
         return VilgLoss(self.txt2img_weight * loss_t2i + self.img2txt_weight * loss_i2t, loss_t2i, loss_i2t)
 
 
