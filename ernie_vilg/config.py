@@ -144,6 +144,12 @@ class ModelConfig:
     image_grid: int = 0  # h = w of the image token grid (0 = from the tokenizer)
     layer_norm_eps: float = 1e-5
     init_std: float = 0.02
+    # recipe options measured against DALLE-pytorch's defaults (docs/benchmarks.md, "Peer
+    # differences (session 8)"); the defaults are the paper's / GPT-2's choices
+    tie_heads: bool = True  # output heads reuse the token embeddings (False: own [V, d] weights)
+    ffn_act: str = "gelu"  # "gelu" | "geglu" (gated: fc1 is 2x wider, GELU(a) * b)
+    layer_scale_init: float = 0.0  # > 0: a learnable per-channel scale on each residual branch (CaiT)
+    emb_init_std: float = 0.0  # token / position embedding init std (0 = init_std)
 
 
 @dataclass

@@ -67,6 +67,36 @@ def test_num_params_matches_the_allocated_model() -> None:
     assert flops_per_token(tiny_cfg("dense")) > flops_per_token(tiny_cfg("sparse_blockwise")) > 0
 
 
+@pytest.mark.parametrize("options", [dict(tie_heads=False), dict(ffn_act="geglu"), dict(layer_scale_init=0.1),
+                                     dict(tie_heads=False, ffn_act="geglu", layer_scale_init=0.1, emb_init_std=1.0)])
+def test_recipe_options_count_train_and_decode_like_the_uncached_model(options: dict) -> None:
+    from ernie_vilg.generation.decoding import CachedStepper, FullStepper
+
+    cfg = tiny_cfg("dense", **options)
+    model = build("dense", **options)
+    assert num_params(cfg) == count_model_params(model) > num_params(tiny_cfg("dense"))
+    if not options.get("tie_heads", True):
+        assert model.head_img.weight is not model.tok_emb_img.weight
+    if options.get("ffn_act") == "geglu":
+        assert flops_per_token(cfg) > flops_per_token(tiny_cfg("dense"))
+    text, image = random_batch()
+    cached, full = CachedStepper(model, Direction.TXT2IMG), FullStepper(model, Direction.TXT2IMG)
+    np.testing.assert_allclose(cached.start(text.numpy()), full.start(text.numpy()), atol=1e-4)
+    for tok in image.numpy().reshape(B, -1).T[:-1]:
+        np.testing.assert_allclose(cached.step(tok), full.step(tok), atol=1e-4)
+    model.train()
+    loss = bidirectional_loss(model, VilgCriterion(pad_id=0), text, image).total
+    loss.backward()
+    scales = [p for name, p in model.named_parameters() if "scale_" in name]
+    assert len(scales) == (2 * 4 if options.get("layer_scale_init") else 0)
+    assert all(p.grad is not None and float(p.grad.abs().sum()) > 0 for p in scales)
+
+
+def test_unknown_ffn_activation_is_refused() -> None:
+    with pytest.raises(ValueError, match="ffn_act"):
+        ErnieViLG(tiny_cfg(ffn_act="swiglu"))
+
+
 def test_loss_is_the_sum_of_both_directions_and_ignores_padding() -> None:
     model = build()
     text, image = random_batch()

@@ -63,6 +63,8 @@ def check_model_config(cfg: ModelConfig) -> None:
     if cfg.hidden_size % cfg.num_heads:
         raise ValueError(f"Model.hidden_size {cfg.hidden_size} is not divisible by Model.num_heads {cfg.num_heads}")
     layer_kinds(cfg.num_layers, cfg.attention_impl)  # validates attention_impl
+    if cfg.ffn_act not in ("gelu", "geglu"):
+        raise ValueError(f"Model.ffn_act {cfg.ffn_act!r} is not one of: gelu, geglu")
 
 
 def stream_layout(cfg: ModelConfig, direction: Direction, text_len: int | None = None) -> StreamLayout:
@@ -78,14 +80,22 @@ class MLP(nn.Layer):
     def __init__(self, cfg: ModelConfig, proj_std: float) -> None:
         super().__init__()
         d, normal = cfg.hidden_size, nn.initializer.Normal(std=cfg.init_std)
-        self.fc1 = Linear(d, cfg.ffn_mult * d, weight_attr=paddle.ParamAttr(initializer=normal))
-        self.fc2 = Linear(cfg.ffn_mult * d, d,
-                             weight_attr=paddle.ParamAttr(initializer=nn.initializer.Normal(std=proj_std)))
+        self.gated = cfg.ffn_act == "geglu"
+        width = cfg.ffn_mult * d
+        # GEGLU (Shazeer 2020): fc1 yields the value and the gate side by side, [.., 2 f]
+        self.fc1 = Linear(d, 2 * width if self.gated else width, weight_attr=paddle.ParamAttr(initializer=normal))
+        self.fc2 = Linear(width, d, weight_attr=paddle.ParamAttr(initializer=nn.initializer.Normal(std=proj_std)))
         self.approximate = cfg.gelu_approximate
         self.dropout = nn.Dropout(cfg.dropout)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.dropout(self.fc2(F.gelu(self.fc1(x), approximate=self.approximate)))
+        h = self.fc1(x)
+        if self.gated:
+            value, gate = paddle.chunk(h, 2, axis=-1)
+            h = value * F.gelu(gate, approximate=self.approximate)
+        else:
+            h = F.gelu(h, approximate=self.approximate)
+        return self.dropout(self.fc2(h))
 
 
 class Block(nn.Layer):
@@ -100,13 +110,22 @@ class Block(nn.Layer):
                                   cfg.mask_fill_value, cfg.dropout, cfg.init_std, proj_std)
         self.ln2 = nn.LayerNorm(cfg.hidden_size, epsilon=cfg.layer_norm_eps)
         self.mlp = MLP(cfg, proj_std)
+        self.scale_attn = self.scale_mlp = None
+        if cfg.layer_scale_init > 0:  # LayerScale (CaiT; DALLE-pytorch's default, 0.1 up to 18 layers)
+            init = nn.initializer.Constant(cfg.layer_scale_init)
+            self.scale_attn = self.create_parameter([cfg.hidden_size], default_initializer=init)
+            self.scale_mlp = self.create_parameter([cfg.hidden_size], default_initializer=init)
+
+    @staticmethod
+    def _scaled(branch: Tensor, scale: Tensor | None) -> Tensor:
+        return branch if scale is None else branch * scale
 
     def attention_residual(self, x: Tensor, layout: StreamLayout, cache=None,
                            text_prefix: np.ndarray | None = None) -> Tensor:
-        return x + self.attn(self.ln1(x), layout, cache, text_prefix)
+        return x + self._scaled(self.attn(self.ln1(x), layout, cache, text_prefix), self.scale_attn)
 
     def mlp_residual(self, x: Tensor) -> Tensor:
-        return x + self.mlp(self.ln2(x))
+        return x + self._scaled(self.mlp(self.ln2(x)), self.scale_mlp)
 
     def forward(self, x: Tensor, layout: StreamLayout, cache=None, text_prefix: np.ndarray | None = None) -> Tensor:
         # the prefix is passed only when there is one: subclasses written for captioning
@@ -115,16 +134,22 @@ class Block(nn.Layer):
         return self.mlp_residual(self.attention_residual(x, layout, cache, *extra))
 
     def step(self, x: Tensor, layout: StreamLayout, position: int, cache) -> Tensor:
-        x = x + self.attn.step(self.ln1(x), layout, position, cache)
-        return x + self.mlp(self.ln2(x))
+        x = x + self._scaled(self.attn.step(self.ln1(x), layout, position, cache), self.scale_attn)
+        return self.mlp_residual(x)
 
 
 class TiedHead(nn.Layer):
-    """Output projection that reuses an input embedding matrix [V, d]: logits = h W^T + b."""
+    """Output projection that reuses an input embedding matrix [V, d]: logits = h W^T + b.
 
-    def __init__(self, weight: paddle.base.framework.Parameter) -> None:
+    With `untied_std` > 0 it owns a fresh [V, d] weight of that init std instead (Model.tie_heads false).
+    """
+
+    def __init__(self, weight: paddle.base.framework.Parameter, untied_std: float = 0.0) -> None:
         super().__init__()
-        self.weight = weight  # the embedding's Parameter itself: one tensor, two names
+        if untied_std > 0:
+            weight = self.create_parameter(list(weight.shape),
+                                           default_initializer=nn.initializer.Normal(std=untied_std))
+        self.weight = weight  # tied: the embedding's Parameter itself, one tensor with two names
         self.bias = self.create_parameter([weight.shape[0]], is_bias=True)
 
     def forward(self, h: Tensor) -> Tensor:
@@ -143,7 +168,8 @@ class ErnieViLG(nn.Layer):
         self.cfg = cfg
         self.recompute, self.recompute_every_k = recompute, max(1, recompute_every_k)
         d = cfg.hidden_size
-        emb_attr = lambda: paddle.ParamAttr(initializer=nn.initializer.Normal(std=cfg.init_std))  # noqa: E731
+        emb_std = cfg.emb_init_std or cfg.init_std
+        emb_attr = lambda: paddle.ParamAttr(initializer=nn.initializer.Normal(std=emb_std))  # noqa: E731
         self.tok_emb_txt = nn.Embedding(cfg.text_vocab_size, d, weight_attr=emb_attr())
         self.tok_emb_img = nn.Embedding(cfg.image_vocab_size, d, weight_attr=emb_attr())
         self.pos_emb_txt = nn.Embedding(cfg.max_text_len, d, weight_attr=emb_attr())
@@ -154,8 +180,9 @@ class ErnieViLG(nn.Layer):
         self.kinds = layer_kinds(cfg.num_layers, cfg.attention_impl)
         self.blocks = nn.LayerList([Block(cfg, kind) for kind in self.kinds])
         self.ln_f = nn.LayerNorm(d, epsilon=cfg.layer_norm_eps)
-        self.head_txt = TiedHead(self.tok_emb_txt.weight)
-        self.head_img = TiedHead(self.tok_emb_img.weight)
+        untied_std = 0.0 if cfg.tie_heads else cfg.init_std
+        self.head_txt = TiedHead(self.tok_emb_txt.weight, untied_std)
+        self.head_img = TiedHead(self.tok_emb_img.weight, untied_std)
         # classifier-free guidance (models/guidance.py): the embedding of NULL_IMAGE_ID, a row
         # outside tok_emb_img so the tied head can never predict it. Created last and zero-init
         # (no RNG draw), so every other parameter initialises exactly as before it existed.
@@ -360,10 +387,14 @@ class ErnieViLG(nn.Layer):
 def num_params(cfg: ModelConfig, include_embeddings: bool = True) -> int:
     """Exact parameter count of `ErnieViLG(cfg)` (tied heads counted once)."""
     d, f = cfg.hidden_size, cfg.ffn_mult * cfg.hidden_size
-    per_layer = (2 * d) + (3 * d * d + 3 * d) + (d * d + d) + (2 * d) + (d * f + f) + (f * d + d)
+    f_in = 2 * f if cfg.ffn_act == "geglu" else f  # fc1's output width
+    per_layer = (2 * d) + (3 * d * d + 3 * d) + (d * d + d) + (2 * d) + (d * f_in + f_in) + (f * d + d)
+    if cfg.layer_scale_init > 0:
+        per_layer += 2 * d
     total = cfg.num_layers * per_layer + 2 * d  # + ln_f
     if include_embeddings:
-        total += (cfg.text_vocab_size + cfg.image_vocab_size) * d  # token embeddings = head weights
+        heads = 1 if cfg.tie_heads else 2  # tied: the token embeddings are the head weights
+        total += heads * (cfg.text_vocab_size + cfg.image_vocab_size) * d
         total += (cfg.max_text_len + 2 * cfg.image_grid + 2) * d  # text / row / column / direction
         total += d  # null_img_emb (classifier-free guidance)
         total += cfg.text_vocab_size + cfg.image_vocab_size  # head biases
@@ -381,7 +412,8 @@ def flops_per_token(cfg: ModelConfig) -> float:
     d, f = cfg.hidden_size, cfg.ffn_mult * cfg.hidden_size
     layouts = [stream_layout(cfg, direction) for direction in Direction]
     tokens = sum(layout.total for layout in layouts)  # stream tokens of one text-image pair
-    blocks = cfg.num_layers * (4 * d * d + 2 * d * f) * tokens
+    ffn = 3 * d * f if cfg.ffn_act == "geglu" else 2 * d * f
+    blocks = cfg.num_layers * (4 * d * d + ffn) * tokens
     # text-to-image predicts n image tokens, image-to-text L - 1 text tokens
     heads = (cfg.image_vocab_size * layouts[0].num_image + cfg.text_vocab_size * (cfg.max_text_len - 1)) * d
     attn = sum(d * mean_visible_keys(layout, kind) * layout.total
