@@ -1,11 +1,13 @@
 """Our bidirectional training step next to a plain PyTorch model of the same shapes, side by side.
 
     python benchmarks/peer_step.py --grids 8,16,32 --threads 2 --rounds 5 --steps 5
+    python benchmarks/peer_step.py --grids 6 --impl dense --to-static   # ours as a static program
 
 The step is the vilg stage's (configs/vilg/shapes.yaml: 4 layers, hidden 128, 4 heads, 64 text
 tokens, batch 16, both directions, tied heads, AdamW with global-norm clipping), on random tokens
 at image grids 8, 16 and 32 (64, 256, 1,024 image tokens). The peer is written here, in about 60
-lines of plain PyTorch: the same embeddings, pre-LN blocks, tied heads and losses, with dense
+lines of plain PyTorch: the same embeddings, pre-LN blocks (GELU or GEGLU feed-forward, as the
+config's Model.ffn_act), tied heads and losses, with dense
 masked `scaled_dot_product_attention` over each layer's sparse pattern (the masks come from
 `ernie_vilg.models.sparse_masks`, so both models compute the same function), one forward per
 direction, and torch's default AdamW. torch is a benchmark-only extra: `pip install torch`
@@ -73,20 +75,26 @@ def peer_worker(args: argparse.Namespace) -> dict[str, Any]:
     cfg = _config(args.grid, "sparse_reference")
     m = cfg.Model
     d, H, L, n, g = m.hidden_size, m.num_heads, TEXT_LEN, args.grid ** 2, args.grid
+    gated = m.ffn_act == "geglu"
 
     class Block(tnn.Module):
         def __init__(self) -> None:
             super().__init__()
             self.ln1, self.ln2 = tnn.LayerNorm(d), tnn.LayerNorm(d)
             self.qkv, self.proj = tnn.Linear(d, 3 * d), tnn.Linear(d, d)
-            self.fc1, self.fc2 = tnn.Linear(d, m.ffn_mult * d), tnn.Linear(m.ffn_mult * d, d)
+            f = m.ffn_mult * d
+            self.fc1, self.fc2 = tnn.Linear(d, 2 * f if gated else f), tnn.Linear(f, d)
 
         def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
             B, T, _ = x.shape
             q, k, v = self.qkv(self.ln1(x)).view(B, T, 3, H, d // H).permute(2, 0, 3, 1, 4)
             a = tF.scaled_dot_product_attention(q, k, v, attn_mask=mask)
             x = x + self.proj(a.transpose(1, 2).reshape(B, T, d))
-            return x + self.fc2(tF.gelu(self.fc1(self.ln2(x)), approximate="tanh"))
+            h = self.fc1(self.ln2(x))
+            if gated:  # GEGLU, as Model.ffn_act=geglu
+                value, gate = h.chunk(2, dim=-1)
+                return x + self.fc2(value * tF.gelu(gate, approximate="tanh"))
+            return x + self.fc2(tF.gelu(h, approximate="tanh"))
 
     class Peer(tnn.Module):
         def __init__(self) -> None:
@@ -150,11 +158,20 @@ def ours_worker(args: argparse.Namespace) -> dict[str, Any]:
     text_np, image_np = _tokens(args.grid)
     text, image = paddle.to_tensor(text_np), paddle.to_tensor(image_np)
 
+    def loss_fn(text_ids: paddle.Tensor, image_ids: paddle.Tensor) -> paddle.Tensor:
+        return bidirectional_loss(model, criterion, text_ids, image_ids).total
+
+    if args.to_static:  # dynamic-to-static (AST mode: the stream layouts are plain Python at trace time)
+        loss_fn = paddle.jit.to_static(loss_fn, full_graph=True)
+
     def step() -> None:
-        bidirectional_loss(model, criterion, text, image).total.backward()
+        loss_fn(text, image).backward()
         optimizer.step()
         optimizer.clear_grad()
 
+    t0 = time.perf_counter()
+    step()  # the first step traces and compiles under to_static
+    first_step_s = time.perf_counter() - t0
     step_s = _time_steps(step, args.steps)
     pair_tokens = sum(stream_layout(m, d).total for d in ("txt2img", "img2txt"))
     model_flops = flops_per_token(m) * pair_tokens * BATCH / step_s
@@ -171,8 +188,8 @@ def ours_worker(args: argparse.Namespace) -> dict[str, Any]:
         out = paddle.matmul(a, w)
     float(out[0, 0])  # CPU kernels are synchronous; one scalar read after the loop
     gemm = reps * 2 * rows * m.hidden_size * m.ffn_mult * m.hidden_size / (time.perf_counter() - t0)
-    return {"impl": model.attention_impl if hasattr(model, "attention_impl") else m.attention_impl,
-            "step_seconds": step_s, "model_gflops": model_flops / 1e9, "gemm_gflops": gemm / 1e9,
+    return {"impl": m.attention_impl + ("+to_static" if args.to_static else ""),
+            "step_seconds": step_s, "first_step_seconds": first_step_s, "model_gflops": model_flops / 1e9, "gemm_gflops": gemm / 1e9,
             "gemm_shape": [rows, m.hidden_size, m.ffn_mult * m.hidden_size]}
 
 
@@ -189,6 +206,8 @@ def _time_steps(step, steps: int) -> float:
 def _worker(which: str, grid: int, args: argparse.Namespace) -> dict[str, Any]:
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", which, "--grid", str(grid),
            "--threads", str(args.threads), "--steps", str(args.steps), "--impl", args.impl or ""]
+    if args.to_static:
+        cmd.append("--to-static")
     out = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, PYTHONPATH=os.path.join(HERE, "..")))
     if out.returncode:
         raise SystemExit(f"{which} worker failed at grid {grid}:\n{out.stderr[-2000:]}")
@@ -202,6 +221,8 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=5, help="alternating peer / ours rounds per grid")
     p.add_argument("--steps", type=int, default=5, help="timed steps per round (after 2 warm-up steps)")
     p.add_argument("--impl", default="", help="our Model.attention_impl (default: the shipped config's)")
+    p.add_argument("--to-static", action="store_true",
+                   help="run our loss through paddle.jit.to_static (full_graph) instead of eager")
     p.add_argument("--out", default="", help="also write the rows as JSON here")
     p.add_argument("--worker", choices=["torch", "ours"], help=argparse.SUPPRESS)
     p.add_argument("--grid", type=int, default=8, help=argparse.SUPPRESS)
