@@ -9,7 +9,7 @@ import numpy as np
 from tqdm import tqdm
 
 from ernie_vilg.data.images import ImageError, load_image
-from ernie_vilg.data.manifest import ManifestStats, iter_manifest
+from ernie_vilg.data.manifest import ManifestError, ManifestStats, iter_manifest
 from ernie_vilg.data.token_shards import TokenShardWriter
 
 log = logging.getLogger(__name__)
@@ -64,6 +64,11 @@ def tokenize_manifest(
         if len(pending) >= batch_size:
             flush()
     flush()
+    if writer.rows == 0:
+        # an empty or all-bad manifest: 0 rows is never what the user meant, and info.json would
+        # make the folder look like valid (empty) training data
+        raise ManifestError(str(manifest), f"no usable image-text pair to tokenize "
+                                           f"({stats.skipped} bad lines, {bad_images} bad images)")
     info = writer.close()
     return {"out": str(out), "count": info["count"], "grid": grid,
             "codebook_size": tokenizer.codebook_size, "skipped_images": bad_images,
