@@ -21,10 +21,14 @@ def stderr_lines(proc: "subprocess.CompletedProcess[str]") -> list[str]:
     return [line for line in proc.stderr.splitlines() if line.strip()]
 
 
-def assert_one_line_error(proc: "subprocess.CompletedProcess[str]", *words: str) -> str:
-    """Exit code 2 and exactly one non-empty stderr line containing every one of `words`."""
+def assert_one_line_error(proc: "subprocess.CompletedProcess[str]", *words: str, skipped_lines: int = 0) -> str:
+    """Exit code 2 and exactly one non-empty stderr line containing every one of `words`; with
+    `skipped_lines`, that many of the project's own "skipping manifest line" warnings before it
+    or "skipping <bad image>" (they say which inputs led to the error), and nothing else."""
     lines = stderr_lines(proc)
-    assert proc.returncode == 2 and len(lines) == 1, (proc.returncode, proc.stderr[-3000:])
+    assert proc.returncode == 2 and len(lines) == 1 + skipped_lines, (proc.returncode, proc.stderr[-3000:])
+    assert all("skipping" in line for line in lines[:-1]), proc.stderr[-3000:]
+    lines = lines[-1:]
     for word in words:
         assert word in lines[0], (word, lines[0])
     return lines[0]

@@ -54,7 +54,9 @@ def tokenize_manifest(
             writer.add(row, rec.text, rec.texts, meta)
         pending.clear()
 
-    for rec in tqdm(iter_manifest(manifest, stats=stats), desc=f"tokenize {manifest.name}", unit="img"):
+    # disable=None: a bar only on a terminal; redirected, its carriage returns would be noise in
+    # the log and around a one-line error on stderr
+    for rec in tqdm(iter_manifest(manifest, stats=stats), desc=f"tokenize {manifest.name}", unit="img", disable=None):
         try:
             pending.append((load_image(rec.image_path, size), rec))
         except ImageError as exc:
