@@ -25,6 +25,9 @@ from ernie_vilg.generation.decoding import (
 from ernie_vilg.models.transformer import ErnieViLG
 
 DECODE_STRATEGIES = ("greedy", "beam", "sampling")
+# stages whose checkpoints hold another model: --ckpt pointed at one says what it is
+NOT_VILG_STAGES = {"vq": "an image tokenizer", "vqgan": "an image tokenizer", "dvae": "an image tokenizer",
+                   "reranker": "a reranker"}
 
 
 @dataclass
@@ -79,6 +82,12 @@ def load_bundle(ckpt: str | Path, need_image_tokenizer: bool = False) -> VilgBun
     from ernie_vilg.training.checkpoint import load_checkpoint_config, load_model_state, set_model_state
 
     ckpt_dir, cfg = load_checkpoint_config(ckpt)
+    if cfg.Global.stage in NOT_VILG_STAGES:
+        from ernie_vilg.training.checkpoint import CheckpointError
+
+        raise CheckpointError(f"{ckpt_dir}: {NOT_VILG_STAGES[cfg.Global.stage]} checkpoint (Global.stage "
+                              f"{cfg.Global.stage}), not an ERNIE-ViLG one: pass the vilg run folder "
+                              "(e.g. runs/quickstart/vilg)")
     vocab = ckpt_dir / "vocab.txt"
     text_tokenizer = TextTokenizer(vocab if vocab.is_file() else cfg.Data.vocab_file)
     tok_dir = _tokenizer_dir(ckpt_dir, cfg)
