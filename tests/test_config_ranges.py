@@ -42,7 +42,7 @@ OUT_OF_RANGE = [
     ("Generation.top_p=0", "Generation.top_p = 0.0: must be a finite number in (0, 1]"),
     ("Generation.num_candidates=0", "Generation.num_candidates = 0: must be an integer >= 1"),
     ("Generation.decode_strategy=nucleus", "Generation.decode_strategy = 'nucleus': must be one of greedy"),
-    ("Train.cond_drop=1.0", "Train.cond_drop = 1.0: must be a finite number in [0, 1)"),
+    ("Train.cond_drop=1.5", "Train.cond_drop = 1.5: must be a finite number in [0, 1]"),
 ]
 
 

@@ -18,12 +18,11 @@ from cli_helpers import run_cli  # noqa: E402
 pytestmark = pytest.mark.slow  # the session's smoke quickstart: ~30 s once, shared by these tests
 
 
-def test_images(qs: Path, n: int = 2) -> list[str]:
+def quickstart_images(qs: Path, n: int = 2) -> list[str]:
     rows = [json.loads(line) for line in (qs / "data" / "test.jsonl").read_text(encoding="utf-8").splitlines()]
     return [str(qs / "data" / r["image"]) for r in rows[:n]]
 
 
-test_images.__test__ = False  # a helper, not a test
 
 
 def ok(proc) -> str:
@@ -32,7 +31,7 @@ def ok(proc) -> str:
 
 
 def test_caption_tool_on_quickstart_images(smoke_quickstart):
-    images = test_images(smoke_quickstart, 3)
+    images = quickstart_images(smoke_quickstart, 3)
     out = ok(run_cli("tools/caption.py", "--ckpt", str(smoke_quickstart / "vilg"), "--image", *images,
                      "--threads", "1"))
     rows = [json.loads(line) for line in out.splitlines()]
@@ -41,7 +40,7 @@ def test_caption_tool_on_quickstart_images(smoke_quickstart):
 
 
 def test_caption_tool_with_beam_search(smoke_quickstart):
-    images = test_images(smoke_quickstart, 1)
+    images = quickstart_images(smoke_quickstart, 1)
     out = ok(run_cli("tools/caption.py", "--ckpt", str(smoke_quickstart / "vilg" / "checkpoints"),
                      "--image", *images, "--strategy", "beam"))
     assert json.loads(out.splitlines()[0])["caption"]
@@ -53,7 +52,7 @@ def test_generate_tool_writes_one_png_per_sample_at_the_tokenizers_size(smoke_qu
                "--text", "左上角有一个蓝色的正方形", "--num-candidates", "2", "--out", str(out)))
     names = sorted(p.name for p in out.iterdir())
     assert names == ["000_00.png", "000_01.png", "001_00.png", "001_01.png", "grid.png"]
-    size = Image.open(test_images(smoke_quickstart, 1)[0]).size
+    size = Image.open(quickstart_images(smoke_quickstart, 1)[0]).size
     assert Image.open(out / "000_00.png").size == size  # 32 px smoke world, 8 x 8 tokens at f = 4
 
 
@@ -66,7 +65,7 @@ def test_generate_tool_best_of_n_by_likelihood(smoke_quickstart, tmp_path):
 
 
 def test_vqa_tool_answers_a_question_about_a_quickstart_image(smoke_quickstart):
-    image = test_images(smoke_quickstart, 1)[0]
+    image = quickstart_images(smoke_quickstart, 1)[0]
     out = ok(run_cli("tools/vqa.py", "--ckpt", str(smoke_quickstart / "vilg"), "--image", image,
                      "--question", "图中有几个物体？"))
     row = json.loads(out.splitlines()[-1])
@@ -107,7 +106,7 @@ def test_eval_fid_tool_between_generated_and_real_images(smoke_quickstart, tmp_p
     (gen / "grid.png").unlink()
     real = tmp_path / "real"
     real.mkdir()
-    for path in test_images(smoke_quickstart, 2):
+    for path in quickstart_images(smoke_quickstart, 2):
         Image.open(path).save(real / Path(path).name)
     result = json.loads(ok(run_cli("tools/eval_fid.py", str(gen), str(real), "--weights", str(weights),
                                    "--batch-size", "2", "--no-progress", "--save-stats", str(tmp_path / "real.npz"))))
