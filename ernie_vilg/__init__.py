@@ -1,5 +1,5 @@
 """ERNIE-ViLG: unified generative pre-training for bidirectional vision-language generation (PaddlePaddle)."""
-from ernie_vilg.runtime import contiguous_views_on_cpu, keep_freed_memory, mkl_avx2_on_amd
+from ernie_vilg.runtime import contiguous_views_on_cpu, keep_freed_memory, mkl_avx2_on_amd, quiet_library_notices
 
 __version__ = "0.1.0"
 
@@ -9,3 +9,6 @@ mkl_avx2_on_amd()
 contiguous_views_on_cpu()
 # ... and large activations would be fresh zeroed pages at every step (runtime.py).
 keep_freed_memory()
+# ... and its import-time notices (no ccache; setuptools' distutils shim, via paddlenlp) would turn
+# a tool's one-line error into five lines on stderr (runtime.py).
+quiet_library_notices()

@@ -10,17 +10,38 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import math
+import reprlib
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import yaml
 
 
 class ConfigError(ValueError):
     """A configuration problem; tools print its message and exit with code 2."""
+
+
+# reprlib with tight limits: a value quoted in an error message stays short even when a YAML
+# alias bomb expands to billions of items (printing the whole value once wrote ~2 GB to stderr)
+_SHORT = reprlib.Repr()
+_SHORT.maxlevel, _SHORT.maxlist, _SHORT.maxtuple, _SHORT.maxdict = 2, 4, 4, 4
+_SHORT.maxstring, _SHORT.maxother, _SHORT.maxlong = 60, 60, 40
+MAX_QUOTED = 120
+
+
+def _short_name(name: Any) -> str:
+    """A key as written (no quotes) unless it is long or not a string."""
+    return name if isinstance(name, str) and len(name) <= 60 else short_repr(name, 60)
+
+
+def short_repr(value: Any, limit: int = MAX_QUOTED) -> str:
+    """repr(value) cut to at most `limit` characters, for error messages about outside input."""
+    text = _SHORT.repr(value)
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 # --------------------------------------------------------------------------------------------
@@ -109,6 +130,9 @@ class TrainConfig:
     keep_last: int = 2
     eval_samples: int = 64  # images / texts used by periodic validation
     resume: bool = True  # continue from the newest checkpoint in output_dir if present
+    # resume from a checkpoint without optimizer.pdopt / trainer_state.pd (e.g. a merged
+    # weights-only folder): the optimizer starts fresh; without this such a resume is refused
+    resume_weights_only: bool = False
     progress_bar: bool = True
     # stop the job after this many consecutive steps with a non-finite loss or gradient
     max_consecutive_skips: int = 5
@@ -334,28 +358,28 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
                 return _coerce(value, arg, where)
             except ConfigError as exc:
                 errors.append(str(exc))
-        raise ConfigError(errors[0] if errors else f"{where}: bad value {value!r}")
+        raise ConfigError(errors[0] if errors else f"{where}: bad value {short_repr(value)}")
     if origin is list:
         (item_tp,) = typing.get_args(tp)
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: expected a list of {_type_name(item_tp)}, got {value!r}")
+            raise ConfigError(f"{where}: expected a list of {_type_name(item_tp)}, got {short_repr(value)}")
         return [_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
     if tp is bool:
         if isinstance(value, bool):
             return value
-        raise ConfigError(f"{where}: expected bool, got {value!r}")
+        raise ConfigError(f"{where}: expected bool, got {short_repr(value)}")
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
-        raise ConfigError(f"{where}: expected int, got {value!r}")
+        raise ConfigError(f"{where}: expected int, got {short_repr(value)}")
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
-        raise ConfigError(f"{where}: expected float, got {value!r}")
+        raise ConfigError(f"{where}: expected float, got {short_repr(value)}")
     if tp is str:
         if isinstance(value, str):
             return value
-        raise ConfigError(f"{where}: expected str, got {value!r}")
+        raise ConfigError(f"{where}: expected str, got {short_repr(value)}")
     raise ConfigError(f"{where}: unsupported field type {tp}")
 
 
@@ -366,6 +390,50 @@ def _section_types(section_cls: type) -> dict[str, Any]:
 # --------------------------------------------------------------------------------------------
 # Loading
 # --------------------------------------------------------------------------------------------
+MAX_YAML_BYTES = 1 << 20  # a config is a few KB; a checkpoint's config.yaml about 5 KB
+# values after alias expansion: YAML aliases share nodes, so a few hundred bytes can stand for
+# billions of items ("billion laughs"); the real configs have a few hundred
+MAX_YAML_NODES = 100_000
+
+
+def _expanded_nodes(obj: Any, memo: dict[int, int], limit: int) -> int:
+    """Number of nodes of `obj` with every alias expanded (shared sub-objects counted each time
+    they are referenced), computed without expanding anything; stops counting past `limit`."""
+    key = id(obj)
+    if key in memo:
+        return memo[key]
+    if isinstance(obj, dict):
+        children = [*obj.keys(), *obj.values()]
+    elif isinstance(obj, (list, tuple)):
+        children = list(obj)
+    else:
+        return 1
+    memo[key] = limit + 1  # a (malformed) self-reference counts as too big
+    total = 1
+    for child in children:
+        total += _expanded_nodes(child, memo, limit)
+        if total > limit:
+            break
+    memo[key] = total
+    return total
+
+
+def safe_yaml_load(text: str | bytes, where: str) -> Any:
+    """yaml.safe_load for outside text (config files, a checkpoint's config.yaml, safetensors
+    metadata) with a size limit and an alias-expansion limit; ConfigError naming `where`."""
+    if len(text) > MAX_YAML_BYTES:
+        raise ConfigError(f"{where}: {len(text)} bytes is too large for a config (limit {MAX_YAML_BYTES})")
+    try:
+        data = yaml.safe_load(text)
+    except (yaml.YAMLError, UnicodeDecodeError, RecursionError) as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ConfigError(f"{where}: not valid YAML ({short_repr(first, 200)})") from None
+    if _expanded_nodes(data, {}, MAX_YAML_NODES) > MAX_YAML_NODES:
+        raise ConfigError(f"{where}: more than {MAX_YAML_NODES} values once YAML aliases are expanded "
+                          "(an alias bomb?)")
+    return data
+
+
 def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, dict[str, Any]]:
     """Read a YAML file, resolving `_base_` (a path or list of paths relative to the file)."""
     path = path.resolve()
@@ -373,16 +441,14 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, dict[str, A
         raise ConfigError(f"{path}: _base_ cycle through {' -> '.join(str(p) for p in seen)}")
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise ConfigError(f"{path}: not valid YAML ({first})") from None
+    raw = safe_yaml_load(path.read_bytes(), str(path)) or {}
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: top level must be a mapping of sections")
     bases = raw.pop("_base_", [])
     if isinstance(bases, str):
         bases = [bases]
+    if not isinstance(bases, list) or not all(isinstance(b, str) and b.strip() for b in bases):
+        raise ConfigError(f"{path}: _base_ = {short_repr(bases)}: must be a file path or a list of file paths")
     merged: dict[str, dict[str, Any]] = {}
     for base in bases:
         base_data = _read_yaml(path.parent / base, seen + (path,))
@@ -392,7 +458,7 @@ def _read_yaml(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, dict[str, A
         if values is None:
             values = {}
         if not isinstance(values, dict):
-            raise ConfigError(f"{path}: section {section!r} must be a mapping, got {values!r}")
+            raise ConfigError(f"{path}: section {short_repr(section)} must be a mapping, got {short_repr(values)}")
         # remember which file set each key, for error messages
         merged.setdefault(section, {}).update({k: (v, path) for k, v in values.items()})
     return merged
@@ -407,7 +473,7 @@ def _unwrap(value: Any, default_file: str) -> tuple[Any, str]:
 def parse_override(text: str) -> tuple[str, str, Any]:
     """Split `Section.key=value`; the value goes through `ast.literal_eval` (strings may be bare)."""
     if "=" not in text or "." not in text.split("=", 1)[0]:
-        raise ConfigError(f"override {text!r}: expected the form Section.key=value")
+        raise ConfigError(f"override {short_repr(text)}: expected the form Section.key=value")
     lhs, rhs = text.split("=", 1)
     section, key = lhs.strip().split(".", 1)
     rhs = rhs.strip()
@@ -421,24 +487,174 @@ def parse_override(text: str) -> tuple[str, str, Any]:
 
 
 def build_config(data: dict[str, dict[str, Any]], source: str = "<dict>") -> Config:
-    """Validate a {section: {key: value}} mapping into a Config."""
+    """Validate a {section: {key: value}} mapping into a Config: types, then each section's ranges."""
     cfg = Config()
     section_fields = {f.name: f for f in dataclasses.fields(Config)}
+    origins: dict[tuple[str, str], str] = {}
     for section, values in data.items():
         if section not in section_fields:
             raise ConfigError(
-                f"{source}: unknown section {section!r} (known: {', '.join(section_fields)})"
+                f"{source}: unknown section {_short_name(section)!r} (known: {', '.join(section_fields)})"
             )
+        if values is None:
+            values = {}
+        if not isinstance(values, dict):
+            raise ConfigError(f"{source}: section {section} must be a mapping, got {short_repr(values)}")
         target = getattr(cfg, section)
         hints = _section_types(type(target))
         for key, value in values.items():
             value, where_file = _unwrap(value, source)
             if key not in hints:
                 raise ConfigError(
-                    f"{where_file}: unknown key {section}.{key} (known: {', '.join(hints)})"
+                    f"{where_file}: unknown key {section}.{_short_name(key)} (known: {', '.join(hints)})"
                 )
             setattr(target, key, _coerce(value, hints[key], f"{where_file}: {section}.{key}"))
+            origins[(section, key)] = where_file
+    validate_config(cfg, origins, source)
     return cfg
+
+
+# --------------------------------------------------------------------------------------------
+# Range checks: one validator per section, run when a config is built (before any I/O), so an
+# out-of-range value stops a tool with one line instead of a traceback (or a silent run) later
+# --------------------------------------------------------------------------------------------
+# Values whose code lives in upper floors (config.py imports nothing of the project); a test
+# checks each tuple against the registry it mirrors.
+ATTENTION_IMPLS = ("dense", "sparse_reference", "sparse_blockwise")  # models/sparse_masks.py
+SCHEDULES = ("constant", "cosine")  # training/trainer.py learning_rate
+OPTIMIZERS = ("adamw",)  # training/trainer.py build_optimizer
+DEVICES = ("cpu", "gpu")  # training/distributed.py
+DECODE_STRATEGIES = ("greedy", "beam", "sampling")  # generation/pipelines.py
+
+
+class _Range:
+    """Checks of one section; a failure names the file (or -o override), key, value and range."""
+
+    def __init__(self, name: str, section: Any, origins: dict[tuple[str, str], str], source: str) -> None:
+        self.name, self.section, self.origins, self.source = name, section, origins, source
+
+    def fail(self, key: str, allowed: str) -> None:
+        where = self.origins.get((self.name, key), self.source)
+        value = getattr(self.section, key)
+        raise ConfigError(f"{where}: {self.name}.{key} = {short_repr(value)}: {allowed}")
+
+    def int_min(self, key: str, lo: int) -> None:
+        if getattr(self.section, key) < lo:
+            self.fail(key, f"must be an integer >= {lo}")
+
+    def number(self, key: str, lo: Optional[float] = None, hi: Optional[float] = None,
+               lo_open: bool = False, hi_open: bool = False) -> None:
+        """A finite number in the interval; inf / nan are never a meaningful setting here."""
+        v = getattr(self.section, key)
+        bad = not math.isfinite(v)
+        bad = bad or (lo is not None and (v <= lo if lo_open else v < lo))
+        bad = bad or (hi is not None and (v >= hi if hi_open else v > hi))
+        if bad:
+            left = "any" if lo is None else f"{'(' if lo_open else '['}{lo:g}"
+            right = "" if hi is None else f"{hi:g}{')' if hi_open else ']'}"
+            self.fail(key, f"must be a finite number in {left}, {right or 'inf)'}" if lo is not None
+                      else "must be a finite number")
+
+    def one_of(self, key: str, choices: tuple[str, ...]) -> None:
+        if getattr(self.section, key) not in choices:
+            self.fail(key, f"must be one of {', '.join(choices)}")
+
+
+def _check_global(r: _Range, cfg: Config) -> None:
+    r.one_of("device", DEVICES)
+    r.int_min("num_threads", 0)
+
+
+def _check_data(r: _Range, cfg: Config) -> None:
+    d = r.section
+    r.int_min("batch_size", 1)
+    r.int_min("num_workers", 0)
+    r.int_min("image_size", 1)
+    if cfg.Global.stage in ("vq", "vqgan", "dvae") and d.image_size % max(1, cfg.VQ.downsample_factor):
+        r.fail("image_size", f"must be a multiple of VQ.downsample_factor ({cfg.VQ.downsample_factor})")
+    r.int_min("max_text_len", 3)  # [CLS], at least one token, [SEP]
+    r.int_min("stream_partitions", 1)
+    r.int_min("shuffle_buffer", 1)
+
+
+def _check_vq(r: _Range, cfg: Config) -> None:
+    for key in ("in_channels", "hidden_channels", "num_res_blocks", "downsample_factor", "patch_size",
+                "codebook_size", "embed_dim"):
+        r.int_min(key, 1)
+    r.int_min("dead_code_steps", 0)
+    r.number("beta", 0.0)
+    r.number("ema_decay", 0.0, 1.0, hi_open=True)
+
+
+def _check_optimizer(r: _Range, cfg: Config) -> None:
+    r.one_of("name", OPTIMIZERS)
+    r.one_of("schedule", SCHEDULES)
+    r.number("lr", 0.0, lo_open=True)
+    r.number("min_lr", 0.0)
+    if r.section.min_lr > r.section.lr:
+        r.fail("min_lr", f"must be <= Optimizer.lr ({r.section.lr:g})")
+    r.int_min("warmup_steps", 0)
+    r.number("weight_decay", 0.0)
+    r.number("beta1", 0.0, 1.0, hi_open=True)
+    r.number("beta2", 0.0, 1.0, hi_open=True)
+    r.number("eps", 0.0, lo_open=True)
+    r.number("grad_clip", 0.0)
+
+
+def _check_train(r: _Range, cfg: Config) -> None:
+    r.int_min("max_steps", 1)
+    r.number("max_minutes", 0.0)
+    r.int_min("log_every", 1)
+    for key in ("eval_every", "save_every", "keep_last"):
+        r.int_min(key, 0)
+    r.int_min("eval_samples", 1)
+    r.int_min("max_consecutive_skips", 1)
+    r.number("cond_drop", 0.0, 1.0)  # 1 = always the null condition (tests use it)
+    r.number("txt2img_weight", 0.0)
+    r.number("img2txt_weight", 0.0)
+
+
+def _check_model(r: _Range, cfg: Config) -> None:
+    m = r.section
+    for key in ("num_layers", "hidden_size", "num_heads", "ffn_mult"):
+        r.int_min(key, 1)
+    if m.hidden_size % m.num_heads:
+        r.fail("hidden_size", f"must be divisible by Model.num_heads ({m.num_heads})")
+    r.number("dropout", 0.0, 1.0, hi_open=True)
+    r.one_of("attention_impl", ATTENTION_IMPLS)
+    if m.conv_kernel < 1 or m.conv_kernel % 2 == 0:
+        r.fail("conv_kernel", "must be an odd integer >= 1")
+    r.number("mask_fill_value")
+    for key in ("text_vocab_size", "image_vocab_size", "image_grid"):
+        r.int_min(key, 0)  # 0 = derived from the data
+    r.int_min("max_text_len", 3)
+    r.number("layer_norm_eps", 0.0, lo_open=True)
+    r.number("init_std", 0.0, lo_open=True)
+
+
+def _check_generation(r: _Range, cfg: Config) -> None:
+    r.number("temperature", 0.0, lo_open=True)
+    r.int_min("top_k", 0)
+    r.number("top_p", 0.0, 1.0, lo_open=True)
+    for key in ("num_candidates", "beam_size", "max_text_len"):
+        r.int_min(key, 1)
+    r.number("length_penalty")
+    r.one_of("decode_strategy", DECODE_STRATEGIES)
+    r.number("cfg_scale")
+    r.number("caption_cfg_scale")
+
+
+SECTION_VALIDATORS: dict[str, Callable[[_Range, Config], None]] = {
+    "Global": _check_global, "Data": _check_data, "VQ": _check_vq, "Optimizer": _check_optimizer,
+    "Train": _check_train, "Model": _check_model, "Generation": _check_generation,
+}
+
+
+def validate_config(cfg: Config, origins: Optional[dict[tuple[str, str], str]] = None,
+                    source: str = "<config>") -> None:
+    """Range checks of every section; ConfigError (one line: file, key, value, allowed range)."""
+    for name, check in SECTION_VALIDATORS.items():
+        check(_Range(name, getattr(cfg, name), origins or {}, source), cfg)
 
 
 def load_config(path: str | Path | None, overrides: Optional[list[str]] = None) -> Config:
@@ -465,7 +681,9 @@ def save_config(cfg: Config, path: str | Path) -> None:
 def load_saved_config(path: str | Path) -> Config:
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        data = safe_yaml_load(path.read_bytes(), str(path)) or {}
     except FileNotFoundError:
         raise ConfigError(f"{path}: checkpoint has no config.yaml") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level must be a mapping of sections")
     return build_config(data, str(path))

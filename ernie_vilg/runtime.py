@@ -133,6 +133,21 @@ def configure_threads(num_threads: int = 0) -> int:
     return n
 
 
+# Import-time notices of libraries that say nothing about the user's job: Paddle's "No ccache
+# found" (it would only matter when compiling custom ops) and setuptools' "Setuptools is replacing
+# distutils" (paddlenlp imports distutils). Matched by message, so every other warning still shows.
+LIBRARY_NOTICES = (r".*No ccache found.*", r".*Setuptools is replacing distutils.*")
+
+
+def quiet_library_notices() -> None:
+    """Hide `LIBRARY_NOTICES` in this process. Called by `import ernie_vilg`, which every tool,
+    worker and launched rank does before Paddle loads (PYTHONWARNINGS cannot hold a regex)."""
+    import warnings
+
+    for pattern in LIBRARY_NOTICES:
+        warnings.filterwarnings("ignore", message=pattern)
+
+
 def setup_logging(level: int = logging.INFO) -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")

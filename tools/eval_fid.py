@@ -14,6 +14,8 @@ import argparse
 import json
 import sys
 
+from ernie_vilg.convert.safetensors_io import SafetensorsError
+from ernie_vilg.convert.torch_pickle import UnsafePickleError
 from ernie_vilg.metrics.fid import DEFAULT_WEIGHTS_DIR, FIDError, evaluate_fid, write_caption_sample
 
 
@@ -52,6 +54,9 @@ def main(argv: list[str] | None = None) -> int:
                               args.batch_size, args.save_stats, progress=not args.no_progress)
     except FileNotFoundError as exc:
         print(f"eval_fid: {exc}", file=sys.stderr)
+        return 2
+    except (UnsafePickleError, SafetensorsError) as exc:  # a weights file that is not plain tensors
+        print(f"eval_fid: error: {exc}", file=sys.stderr)
         return 2
     except FIDError as exc:
         print(f"eval_fid: error: {exc}", file=sys.stderr)

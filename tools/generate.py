@@ -10,13 +10,15 @@ reranker and/or the model's own caption likelihood of each image, and writes onl
 (`{text}_rank{r}.png`), a grid of all N per text best first (kept ones framed green) and
 ranking.json with every score.
 
+An `--out` folder that already holds files needs `--overwrite` (files of the same name are replaced).
+
 Classifier-free guidance (docs/guidance.md): `--cfg-scale S` replaces the checkpoint's
 Generation.cfg_scale (1 = off; useful only for a model trained with Train.cond_drop > 0).
 """
 import argparse
 import sys
 
-from ernie_vilg.cli.common import run_or_exit
+from ernie_vilg.cli.common import check_generate_args, run_or_exit
 
 
 def main() -> int:
@@ -32,9 +34,11 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cfg-scale", type=float, default=None,
                         help="classifier-free guidance scale (default: the checkpoint's Generation.cfg_scale; 1 = off)")
-    parser.add_argument("--out", required=True, help="output folder")
+    parser.add_argument("--out", required=True, help="output folder (new or empty, unless --overwrite)")
+    parser.add_argument("--overwrite", action="store_true", help="write into an --out folder that already has files")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0 = all cores)")
     args = parser.parse_args()
+    check_generate_args(args)  # one line and exit 2 before the model loads
 
     def run() -> int:
         from ernie_vilg.generation.pipelines import generate_to_folder
@@ -50,7 +54,7 @@ def main() -> int:
     from ernie_vilg.config import ConfigError
     from ernie_vilg.training.checkpoint import CheckpointError
 
-    return run_or_exit(run, (ConfigError, CheckpointError, FileNotFoundError, ValueError))
+    return run_or_exit(run, (ConfigError, CheckpointError, OSError, ValueError))
 
 
 if __name__ == "__main__":

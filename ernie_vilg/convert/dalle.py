@@ -43,6 +43,7 @@ from ernie_vilg.convert.torch_pickle import (
     StorageType,
     UnsafePickleError,
     _archive_prefix,
+    check_zip_size,
 )
 
 # Classes a pickled DALL-E module may instantiate; each becomes an inert ModuleSkeleton.
@@ -113,6 +114,7 @@ def load_module_pickle(path: str | Path) -> ModuleSkeleton:
         raise CheckpointFormatError(f"{path}: not a zip file (the legacy torch.save format is not read; "
                                     "re-save with torch >= 1.6)")
     with zipfile.ZipFile(path) as zf:
+        check_zip_size(zf, path)
         prefix = _archive_prefix(zf, path)
         cache: dict[str, np.ndarray] = {}
 

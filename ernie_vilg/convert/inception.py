@@ -224,8 +224,14 @@ def load_fid_inception(weights_dir: str | Path) -> InceptionV3FID:
     path = Path(weights_dir) / WEIGHTS_FILE
     if not path.is_file():
         raise FileNotFoundError(str(path))
+    from ernie_vilg.convert.safetensors_io import safe_paddle_load
+
     model = InceptionV3FID()
-    state = paddle.load(str(path))
+    # a weights folder comes from outside (`--weights DIR`): a plain paddle.load would run
+    # whatever a crafted pickle asks for; the restricted loader refuses any global off its list
+    state = safe_paddle_load(path)
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: not a state dict of the FID network")
     missing, unexpected = model.set_state_dict(state) or ([], [])
     if missing or unexpected:
         raise ValueError(f"{path}: missing {missing[:5]}, unexpected {unexpected[:5]}")

@@ -138,6 +138,10 @@ def load_safetensors(path: str | Path) -> tuple[dict[str, Any], dict[str, str]]:
             raise SafetensorsError(f"{path}: tensor {name} has dtype {st_dtype}, which Paddle models here "
                                    f"do not use (supported: {', '.join(_FROM_ST)})")
         dtype, raw_dtype = _FROM_ST[st_dtype]
+        expected = int(np.prod(shape, dtype=np.int64)) * np.dtype(raw_dtype).itemsize
+        if len(data) != expected:
+            raise SafetensorsError(f"{path}: tensor {name} holds {len(data)} bytes, but {st_dtype} {list(shape)} "
+                                   f"needs {expected}")
         arr = np.frombuffer(data, dtype=np.dtype(raw_dtype)).reshape(shape)
         # uint16 bits -> bfloat16, others keep their dtype; to_tensor makes 0-d arrays 1-d
         tensor = paddle.to_tensor(arr.reshape([-1]).copy()).reshape(shape)
@@ -280,16 +284,30 @@ def _config_of(src: Path, metadata: dict[str, str], config: Optional[str | Path]
     if (src.parent / "config.yaml").is_file() and src.name == WEIGHTS_FILE:
         return load_config(src.parent / "config.yaml")
     if "config" in metadata:
-        import yaml
+        from ernie_vilg.config import build_config, safe_yaml_load
 
-        from ernie_vilg.config import build_config
-
-        try:
-            data = yaml.safe_load(metadata["config"]) or {}
-        except yaml.YAMLError as exc:
-            raise SafetensorsError(f"{src}: the config in its metadata is not valid YAML ({exc})") from None
+        try:  # size- and alias-limited: the metadata comes from whoever wrote the file
+            data = safe_yaml_load(metadata["config"], f"{src} (metadata)") or {}
+        except ConfigError as exc:
+            raise SafetensorsError(str(exc)) from None
+        if not isinstance(data, dict):
+            raise SafetensorsError(f"{src}: the config in its metadata is not a mapping of sections")
         return build_config(data, f"{src} (metadata)")
     raise SafetensorsError(f"{src}: no config in the file's metadata; pass --config")
+
+
+def _dtype_kind(dtype: Any) -> str:
+    name = str(dtype).replace("paddle.", "")
+    return "float" if name in ("float16", "bfloat16", "float32", "float64") else name
+
+
+def _check_dtype_kinds(state: dict[str, Any], own: dict[str, Any], src: Path) -> None:
+    """Each tensor's dtype must be the model's, up to float precision (AMP O2 weights are float16 /
+    bfloat16): an F32 tensor labelled I32 would import, then break the first load of the result."""
+    for key, value in state.items():
+        if key in own and _dtype_kind(value.dtype) != _dtype_kind(own[key].dtype):
+            raise SafetensorsError(f"{src}: tensor {key} is stored as {str(value.dtype).replace('paddle.', '')}, "
+                                   f"the model's is {str(own[key].dtype).replace('paddle.', '')}")
 
 
 def checkpoint_from_safetensors(src: str | Path, out: str | Path, config: Optional[str | Path] = None) -> Path:
@@ -311,6 +329,7 @@ def checkpoint_from_safetensors(src: str | Path, out: str | Path, config: Option
     own = model.state_dict()
     # strict names and shapes (CheckpointError names the key); a copy cast to the model's dtypes is
     # what gets checked, the saved tensors keep theirs (AMP O2 weights stay float16 / bfloat16)
+    _check_dtype_kinds(state, own, src)
     probe = {k: v.astype(own[k].dtype) if k in own and v.dtype != own[k].dtype else v for k, v in state.items()}
     set_model_state(model, probe, src)
     state = {key: state[key] for key in model.state_dict()}  # the model's order (files sort by dtype)

@@ -152,6 +152,23 @@ class RestrictedUnpickler(pickle.Unpickler):
         return self._load_storage(storage_type, str(key), int(numel))
 
 
+# torch.save stores its members uncompressed, so a real checkpoint unpacks to about its own size.
+# A zip bomb (4 MB that inflates to 8.4 GB) is refused before any member is read.
+ZIP_MAX_EXPANSION = 16  # total uncompressed bytes <= this x the archive's size ...
+ZIP_MIN_ALLOWANCE = 64 << 20  # ... or this, whichever is larger (small archives)
+
+
+def check_zip_size(zf: zipfile.ZipFile, path: Path) -> None:
+    """CheckpointFormatError if the members' declared total uncompressed size exceeds the limit.
+    The declared sizes bind: zipfile stops reading a member at its declared size (and checks CRC)."""
+    archive = path.stat().st_size
+    total = sum(info.file_size for info in zf.infolist())
+    limit = max(ZIP_MAX_EXPANSION * archive, ZIP_MIN_ALLOWANCE)
+    if total > limit:
+        raise CheckpointFormatError(f"{path}: members unpack to {total} bytes from a {archive}-byte archive "
+                                    f"(limit {limit}): refusing a possible zip bomb")
+
+
 def _archive_prefix(zf: zipfile.ZipFile, path: Path) -> str:
     pkls = [n for n in zf.namelist() if n.endswith("/data.pkl") and n.count("/") == 1]
     if not pkls:
@@ -202,6 +219,7 @@ def load_torch_zip(path: str | Path) -> Any:
         raise CheckpointFormatError(f"{path}: not a zip file (legacy torch.save format is not supported; "
                                     "re-save it with torch>=1.6 or export safetensors)")
     with zipfile.ZipFile(path) as zf:
+        check_zip_size(zf, path)
         prefix = _archive_prefix(zf, path)
         return _unpickle(zf, path, prefix, "data.pkl", "data")
 

@@ -44,6 +44,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Sequence
 
+from ernie_vilg.data.manifest import BOM, ManifestError, decode_json_line, has_visible_text
+
 log = logging.getLogger(__name__)
 
 MAX_WORDS = 15
@@ -171,17 +173,18 @@ class _Line:
 
 
 def _parse(raw: bytes, line_no: int) -> _Line:
+    if raw.startswith(BOM):
+        raw = raw[len(BOM):]
+    text = raw.decode("utf-8", "replace")
     try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError:
-        return _Line(line_no, None, raw.decode("utf-8", "replace"), "bad_line(not UTF-8)")
-    try:
-        obj = json.loads(text)
-    except json.JSONDecodeError:
-        return _Line(line_no, None, text, "bad_line(not JSON)")
+        obj = decode_json_line(raw, f"line {line_no}")
+    except ManifestError as exc:
+        # the same short reasons as before ("not JSON", "not UTF-8"): they are counted by name
+        reason = "not UTF-8" if exc.reason.startswith("not UTF-8") else "not JSON"
+        return _Line(line_no, None, text, f"bad_line({reason})")
     if not isinstance(obj, dict):
         return _Line(line_no, None, text, "bad_line(not a JSON object)")
-    if not isinstance(obj.get("text"), str) or not obj["text"].strip():
+    if not isinstance(obj.get("text"), str) or not has_visible_text(obj["text"]):
         return _Line(line_no, obj, text, "bad_line(no text)")
     return _Line(line_no, obj, text)
 

@@ -146,6 +146,9 @@ class ImageBatches:
         self.position = 0  # index into this rank's slice of the epoch order
         self.skipped = 0
         self._bad: set[str] = set()
+        # distinct paths, not lines: a path listed on two lines fails twice but is one bad image,
+        # so comparing bad paths with the line count never stopped an all-bad manifest (a hang)
+        self._num_paths = len({rec.image_path for rec in self.records})
 
     def _order(self, epoch: int) -> np.ndarray:
         n = len(self.records)
@@ -170,7 +173,7 @@ class ImageBatches:
                     if rec.image_path not in self._bad:
                         self._bad.add(rec.image_path)
                         log.warning("skipping bad image (%d skipped so far): %s", self.skipped, exc)
-                    if len(self._bad) >= len(self.records):
+                    if len(self._bad) >= self._num_paths:
                         raise ImageError("every image of the manifest failed to load") from None
                     continue
                 paths.append(rec.image_path)

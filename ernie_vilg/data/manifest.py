@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -49,9 +50,23 @@ class ManifestStats:
         self.reasons[reason] = self.reasons.get(reason, 0) + 1
 
 
-def parse_line(raw: bytes, path: Path, line_no: int, require_text: bool = True) -> ManifestRecord:
-    """Parse one manifest line, or raise ManifestError naming `path:line_no`."""
-    where = f"{path}:{line_no}"
+BOM = b"\xef\xbb\xbf"
+
+
+def has_visible_text(text: str) -> bool:
+    """False for text made only of whitespace, control and format characters (zero-width space
+    U+200B, joiners, BOM ...): such a caption tokenizes to nothing."""
+    return any(unicodedata.category(ch)[0] not in "CZ" for ch in text)
+
+
+def decode_json_line(raw: bytes, where: str) -> Any:
+    """One JSONL line -> its JSON value, or ManifestError naming `where` with a short reason.
+
+    A leading UTF-8 BOM (editors on Windows write one) is dropped rather than making the first
+    line invalid JSON. Nesting too deep for the parser (e.g. 100k `[`) and strings that cannot be
+    written back as UTF-8 (lone surrogates such as "\\ud800") are bad lines, not crashes later on."""
+    if raw.startswith(BOM):
+        raw = raw[len(BOM):]
     try:
         line = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -60,6 +75,21 @@ def parse_line(raw: bytes, path: Path, line_no: int, require_text: bool = True) 
         obj = json.loads(line)
     except json.JSONDecodeError as exc:
         raise ManifestError(where, f"not valid JSON ({exc.msg})") from None
+    except RecursionError:
+        raise ManifestError(where, "not valid JSON (nested too deeply)") from None
+    try:
+        json.dumps(obj, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        raise ManifestError(where, "not UTF-8 (a lone surrogate escape such as \\ud800)") from None
+    except RecursionError:
+        raise ManifestError(where, "not valid JSON (nested too deeply)") from None
+    return obj
+
+
+def parse_line(raw: bytes, path: Path, line_no: int, require_text: bool = True) -> ManifestRecord:
+    """Parse one manifest line, or raise ManifestError naming `path:line_no`."""
+    where = f"{path}:{line_no}"
+    obj = decode_json_line(raw, where)
     if not isinstance(obj, dict):
         raise ManifestError(where, f"expected a JSON object, got {type(obj).__name__}")
     image = obj.get("image")
@@ -69,7 +99,7 @@ def parse_line(raw: bytes, path: Path, line_no: int, require_text: bool = True) 
     texts = obj.get("texts") or []
     if not isinstance(texts, list) or not all(isinstance(t, str) for t in texts):
         raise ManifestError(where, "'texts' must be a list of strings")
-    texts = [t.strip() for t in texts if t.strip()]
+    texts = [t.strip() for t in texts if has_visible_text(t)]
     if text is None and texts:
         text = texts[0]
     if require_text:
@@ -77,6 +107,8 @@ def parse_line(raw: bytes, path: Path, line_no: int, require_text: bool = True) 
             raise ManifestError(where, "missing 'text' field")
         if not text.strip():
             raise ManifestError(where, "'text' is empty or whitespace only")
+        if not has_visible_text(text):
+            raise ManifestError(where, "'text' has no visible characters (only zero-width or control characters)")
     text = (text or "").strip()
     if text and text not in texts:
         texts = [text] + texts

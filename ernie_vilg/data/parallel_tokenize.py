@@ -222,6 +222,14 @@ def tokenize_manifest_parallel(
         with mp.get_context("spawn").Pool(workers) as pool:
             results = pool.map(_tokenize_slice, jobs, chunksize=1)
     first = results[0]
+    if sum(r["count"] for r in results) == 0:
+        from ernie_vilg.data.manifest import ManifestError
+
+        for r in results:
+            shutil.rmtree(r["part"], ignore_errors=True)
+        raise ManifestError(str(manifest), "no usable image-text pair to tokenize ("
+                            f"{sum(r['skipped_lines'] for r in results)} bad lines, "
+                            f"{sum(r['skipped_images'] for r in results)} bad images)")
     info = merge_shard_infos([r["part"] for r in results], out, extra={
         "tokenizer_ckpt": first["tokenizer_ckpt"], "image_size": first["image_size"],
         "manifest": str(manifest.resolve()), "workers": workers})

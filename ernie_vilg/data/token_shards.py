@@ -43,20 +43,28 @@ def _ids_dtype(codebook_size: int) -> np.dtype:
 
 def _atomic_save_npy(path: Path, arr: np.ndarray) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("wb") as fh:
-        np.save(fh, arr)
-        fh.flush()
-        os.fsync(fh.fileno())
-    tmp.replace(path)
+    try:
+        with tmp.open("wb") as fh:
+            np.save(fh, arr)
+            fh.flush()
+            os.fsync(fh.fileno())
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # a failed write (disk full, bad text) leaves no .tmp behind
+        raise
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", encoding="utf-8") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    tmp.replace(path)
+    try:
+        with tmp.open("w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 class TokenShardWriter:
@@ -98,6 +106,11 @@ class TokenShardWriter:
         _atomic_write_text(self.out / f"{name}.jsonl", "\n".join(self._meta) + "\n")
         self.shards.append({"ids": f"{name}.npy", "meta": f"{name}.jsonl", "count": len(self._ids)})
         self._ids, self._meta = [], []
+
+    @property
+    def rows(self) -> int:
+        """Rows added so far (written shards and the pending one)."""
+        return sum(s["count"] for s in self.shards) + len(self._ids)
 
     def close(self) -> dict[str, Any]:
         self._flush()

@@ -9,7 +9,7 @@ import numpy as np
 from tqdm import tqdm
 
 from ernie_vilg.data.images import ImageError, load_image
-from ernie_vilg.data.manifest import ManifestStats, iter_manifest
+from ernie_vilg.data.manifest import ManifestError, ManifestStats, iter_manifest
 from ernie_vilg.data.token_shards import TokenShardWriter
 
 log = logging.getLogger(__name__)
@@ -54,7 +54,9 @@ def tokenize_manifest(
             writer.add(row, rec.text, rec.texts, meta)
         pending.clear()
 
-    for rec in tqdm(iter_manifest(manifest, stats=stats), desc=f"tokenize {manifest.name}", unit="img"):
+    # disable=None: a bar only on a terminal; redirected, its carriage returns would be noise in
+    # the log and around a one-line error on stderr
+    for rec in tqdm(iter_manifest(manifest, stats=stats), desc=f"tokenize {manifest.name}", unit="img", disable=None):
         try:
             pending.append((load_image(rec.image_path, size), rec))
         except ImageError as exc:
@@ -64,6 +66,11 @@ def tokenize_manifest(
         if len(pending) >= batch_size:
             flush()
     flush()
+    if writer.rows == 0:
+        # an empty or all-bad manifest: 0 rows is never what the user meant, and info.json would
+        # make the folder look like valid (empty) training data
+        raise ManifestError(str(manifest), f"no usable image-text pair to tokenize "
+                                           f"({stats.skipped} bad lines, {bad_images} bad images)")
     info = writer.close()
     return {"out": str(out), "count": info["count"], "grid": grid,
             "codebook_size": tokenizer.codebook_size, "skipped_images": bad_images,

@@ -25,6 +25,9 @@ from ernie_vilg.generation.decoding import (
 from ernie_vilg.models.transformer import ErnieViLG
 
 DECODE_STRATEGIES = ("greedy", "beam", "sampling")
+# stages whose checkpoints hold another model: --ckpt pointed at one says what it is
+NOT_VILG_STAGES = {"vq": "an image tokenizer", "vqgan": "an image tokenizer", "dvae": "an image tokenizer",
+                   "reranker": "a reranker"}
 
 
 @dataclass
@@ -34,6 +37,16 @@ class VilgBundle:
     text_tokenizer: Any  # ernie_vilg.text.TextTokenizer
     image_tokenizer: Optional[Any]  # ernie_vilg.vq.base.ImageTokenizer (frozen), None if absent
     ckpt_dir: Path
+
+    @property
+    def image_size(self) -> int:
+        """Pixels per side of the images the model's token grid stands for (image_grid x the
+        tokenizer's downsample factor). Not the run's Data.image_size: a vilg run trains on token
+        shards and never reads that key, so its saved value is an unused default (64 px) while the
+        quickstart's shards come from 32 or 48 px images; captioning at 64 px fed 4x the tokens."""
+        if self.image_tokenizer is None or not self.cfg.Model.image_grid:
+            return self.cfg.Data.image_size
+        return self.cfg.Model.image_grid * int(self.image_tokenizer.downsample_factor)
 
     @property
     def specials(self) -> TextSpecials:
@@ -54,12 +67,27 @@ def _tokenizer_dir(ckpt: Path, cfg: Config) -> Optional[Path]:
     return next((c for c in candidates if (c / "model.pdparams").is_file()), None)
 
 
+def _tokenizer_image_size(tok_dir: Path, cfg: Config) -> int:
+    from ernie_vilg.training.checkpoint import load_checkpoint_config
+
+    try:
+        return load_checkpoint_config(tok_dir)[1].Data.image_size
+    except Exception:  # an odd copy without a readable config: the run's own value
+        return cfg.Data.image_size
+
+
 def load_bundle(ckpt: str | Path, need_image_tokenizer: bool = False) -> VilgBundle:
     """Model, text tokenizer and image tokenizer from a checkpoint folder (or its parent run)."""
     from ernie_vilg.text.tokenizer import TextTokenizer
     from ernie_vilg.training.checkpoint import load_checkpoint_config, load_model_state, set_model_state
 
     ckpt_dir, cfg = load_checkpoint_config(ckpt)
+    if cfg.Global.stage in NOT_VILG_STAGES:
+        from ernie_vilg.training.checkpoint import CheckpointError
+
+        raise CheckpointError(f"{ckpt_dir}: {NOT_VILG_STAGES[cfg.Global.stage]} checkpoint (Global.stage "
+                              f"{cfg.Global.stage}), not an ERNIE-ViLG one: pass the vilg run folder "
+                              "(e.g. runs/quickstart/vilg)")
     vocab = ckpt_dir / "vocab.txt"
     text_tokenizer = TextTokenizer(vocab if vocab.is_file() else cfg.Data.vocab_file)
     tok_dir = _tokenizer_dir(ckpt_dir, cfg)
@@ -76,7 +104,8 @@ def load_bundle(ckpt: str | Path, need_image_tokenizer: bool = False) -> VilgBun
     if image_tokenizer is not None and cfg.Model.image_vocab_size == 0:
         cfg.Model.image_vocab_size = image_tokenizer.codebook_size
     if image_tokenizer is not None and cfg.Model.image_grid == 0:
-        cfg.Model.image_grid = image_tokenizer.grid_size(cfg.Data.image_size)
+        # the size the tokenizer was trained at: a vilg run's own Data.image_size is unused (see image_size)
+        cfg.Model.image_grid = image_tokenizer.grid_size(_tokenizer_image_size(tok_dir, cfg))
     model = ErnieViLG(cfg.Model)
     set_model_state(model, load_model_state(ckpt_dir), ckpt_dir)
     model.eval()
@@ -138,7 +167,7 @@ def captions_from_ids(bundle: VilgBundle, image_ids: np.ndarray, strategy: Optio
 
 def caption_images(bundle: VilgBundle, image_paths: Sequence[str | Path], strategy: Optional[str] = None,
                    batch_size: int = 16) -> list[str]:
-    """One caption per image file (center crop + resize to Data.image_size, then the VQ encoder)."""
+    """One caption per image file (center crop + resize to `bundle.image_size`, then the VQ encoder)."""
     from ernie_vilg.data.images import load_image
 
     if bundle.image_tokenizer is None:
@@ -146,7 +175,7 @@ def caption_images(bundle: VilgBundle, image_paths: Sequence[str | Path], strate
     captions: list[str] = []
     for start in range(0, len(image_paths), batch_size):
         chunk = image_paths[start:start + batch_size]
-        pixels = np.stack([load_image(p, bundle.cfg.Data.image_size) for p in chunk])  # [b, 3, H, W]
+        pixels = np.stack([load_image(p, bundle.image_size) for p in chunk])  # [b, 3, H, W]
         ids = bundle.image_tokenizer.encode_to_ids(paddle.to_tensor(pixels)).numpy()
         captions += captions_from_ids(bundle, ids, strategy)
     return captions

@@ -361,7 +361,7 @@ def encode_image_files(bundle: Any, paths: Sequence[str | Path], batch_size: int
         raise FileNotFoundError(f"{bundle.ckpt_dir}: no image tokenizer to encode images")
     out = []
     for start in range(0, len(paths), batch_size):
-        pixels = np.stack([load_image(p, bundle.cfg.Data.image_size) for p in paths[start:start + batch_size]])
+        pixels = np.stack([load_image(p, bundle.image_size) for p in paths[start:start + batch_size]])
         with paddle.no_grad():
             out.append(bundle.image_tokenizer.encode_to_ids(paddle.to_tensor(pixels)).numpy())
     return np.concatenate(out).astype(np.int64)

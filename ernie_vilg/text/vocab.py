@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections import Counter
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Sequence
 
 from ernie_vilg.text.tokenizer import SPECIAL_TOKENS, is_cjk
 
@@ -19,7 +19,7 @@ def _texts(manifests: Iterable[str | Path]) -> Iterable[str]:
             yield from record.texts
 
 
-def build_vocab(manifests: Iterable[str | Path], out: str | Path, min_count: int = 1) -> list[str]:
+def build_vocab(manifests: Sequence[str | Path], out: str | Path, min_count: int = 1) -> list[str]:
     """Write vocab.txt (one token per line) and return its tokens."""
     from paddlenlp.transformers.bert.tokenizer import BasicTokenizer  # slow import: deferred
 
@@ -32,6 +32,12 @@ def build_vocab(manifests: Iterable[str | Path], out: str | Path, min_count: int
             if len(word) > 1 or not is_cjk(word):
                 pieces.update(word)
                 pieces.update("##" + ch for ch in word)
+    if not words:
+        from ernie_vilg.data.manifest import ManifestError
+
+        # an empty vocab (only the special tokens) would train a model that can say nothing
+        raise ManifestError(", ".join(str(m) for m in manifests), "no text to build a vocab from "
+                            "(empty manifest or no usable line)")
     kept = sorted(w for w, c in words.items() if c >= min_count)
     tokens = list(SPECIAL_TOKENS)
     seen = set(tokens)

@@ -21,10 +21,12 @@ from outside (use `ernie_vilg.convert` readers for those).
 """
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
 import re
+import socket
 import shutil
 import time
 from pathlib import Path
@@ -67,16 +69,42 @@ def begin_checkpoint(root: str | Path, step: int, name: Optional[str] = None,
     """(temporary folder, final folder) of a checkpoint being written.
 
     `tag` names the temporary folder (default: this pid); multi-process saves pass rank 0's pid
-    so that every rank writes into the same folder and a dead job's leftovers can be detected."""
+    so that every rank writes into the same folder and a dead job's leftovers can be detected.
+    Dead writers' leftovers are recovered or removed first: a disk that filled up once must not
+    fill up again with one more dead `.tmp` per retry."""
     root = Path(root)
     final = root / (name or f"step-{step:08d}")
     tmp = root / f"{final.name}.tmp-{tag if tag is not None else os.getpid()}"
     if create:
         root.mkdir(parents=True, exist_ok=True)
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir()
+        recover_interrupted(root)
+        try:
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            tmp.mkdir()
+        except OSError as exc:
+            raise CheckpointError(f"{tmp}: cannot create the checkpoint folder ({_os_reason(exc)})") from None
     return tmp, final
+
+
+def _os_reason(exc: OSError) -> str:
+    return exc.strerror or type(exc).__name__
+
+
+def _float_state_finite(state: dict[str, Any]) -> list[str]:
+    """Keys of floating tensors holding NaN or inf (an empty list when every value is finite)."""
+    bad = []
+    for key, value in state.items():
+        if isinstance(value, paddle.Tensor) and value.dtype in (paddle.float32, paddle.float16,
+                                                                  paddle.bfloat16, paddle.float64):
+            if value.size and not bool(paddle.isfinite(value.astype("float32")).all()):
+                bad.append(key)
+        elif hasattr(value, "dtype") and getattr(value.dtype, "kind", "") == "f":
+            import numpy as np
+
+            if not np.isfinite(value).all():
+                bad.append(key)
+    return bad
 
 
 def commit_checkpoint(
@@ -91,21 +119,38 @@ def commit_checkpoint(
     extras: Optional[Callable[[Path], None]] = None,
     keep_last: int = 0,
 ) -> Path:
-    """Write the shared files into `tmp`, meta.json last, then rename `tmp` to `final`."""
+    """Write the shared files into `tmp`, meta.json last, then rename `tmp` to `final`.
+
+    Non-finite weights are refused before anything is written (the newest checkpoint stays the
+    last good state). A write that fails (disk full, read-only) removes `tmp` and raises one-line
+    CheckpointError. Re-saving an existing `final` moves it to `.old-<pid>` for the instant between
+    two renames; a kill there leaves two complete folders that `recover_interrupted` puts back."""
     root = final.parent
-    paddle.save(model_state, str(tmp / "model.pdparams"))
-    if optimizer_state is not None:
-        paddle.save(optimizer_state, str(tmp / "optimizer.pdopt"))
-    if trainer_state is not None:
-        paddle.save(trainer_state, str(tmp / "trainer_state.pd"))
-    save_config(cfg, tmp / "config.yaml")
-    if extras is not None:
-        extras(tmp)
-    info = {"step": step, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **(meta or {})}
-    (tmp / "meta.json").write_text(json.dumps(info, ensure_ascii=False, indent=1), encoding="utf-8")
-    _fsync_files(tmp)
-    _fsync_dir(tmp)
-    if final.exists():  # re-saving the same step (e.g. final save after a periodic one)
+    bad = _float_state_finite(model_state)
+    if bad:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"{final}: not saved: non-finite weights (NaN / inf) in {', '.join(bad[:3])}"
+                              f"{' ...' if len(bad) > 3 else ''}; the newest checkpoint is the last good state "
+                              "(lower Optimizer.lr?)")
+    try:
+        paddle.save(model_state, str(tmp / "model.pdparams"))
+        if optimizer_state is not None:
+            paddle.save(optimizer_state, str(tmp / "optimizer.pdopt"))
+        if trainer_state is not None:
+            paddle.save(trainer_state, str(tmp / "trainer_state.pd"))
+        save_config(cfg, tmp / "config.yaml")
+        if extras is not None:
+            extras(tmp)
+        info = {"step": step, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), **(meta or {})}
+        (tmp / "meta.json").write_text(json.dumps(info, ensure_ascii=False, indent=1), encoding="utf-8")
+        _fsync_files(tmp)
+        _fsync_dir(tmp)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        space = " (free some space: nothing was written)" if exc.errno == errno.ENOSPC else ""
+        raise CheckpointError(f"{final}: cannot write the checkpoint ({_os_reason(exc)}){space}; "
+                              f"removed the partial {tmp.name}") from None
+    if final.exists():  # re-saving the same step (e.g. final save after a periodic one, OUTPUT/best)
         old = root / f"{final.name}.old-{os.getpid()}"
         final.rename(old)
         tmp.rename(final)
@@ -261,15 +306,55 @@ def list_checkpoints(root: str | Path) -> list[Path]:
     return [d for _, d in sorted(found)]
 
 
+def _complete(folder: Path) -> bool:
+    return folder.is_dir() and all((folder / f).is_file() for f in REQUIRED_FILES)
+
+
+def _dead_leftovers(root: Path) -> list[tuple[Path, str, str]]:
+    """(folder, final name, kind) of `.tmp-<pid>` / `.old-<pid>` folders whose writer is gone."""
+    out = []
+    for d in root.iterdir():
+        for kind in (".tmp-", ".old-"):
+            if kind in d.name:
+                name, pid = d.name.rsplit(kind, 1)
+                if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+                    out.append((d, name, kind))
+    return out
+
+
+def recover_interrupted(root: str | Path) -> list[Path]:
+    """Undo what a writer killed mid-commit left under `root`, never losing a complete copy.
+
+    A kill between the two renames of a re-save (`final` -> `.old-<pid>`, `.tmp-<pid>` ->
+    `final`) leaves no `final` but two complete folders: the new one (`.tmp`, meta.json was
+    written and fsynced before the renames) is put back as `final`, else the old one. Then the
+    dead writers' other leftovers are removed. Returns the folders restored."""
+    root = Path(root)
+    if not root.is_dir():
+        return []
+    restored = []
+    leftovers = _dead_leftovers(root)
+    for kind in (".tmp-", ".old-"):  # the newer copy first
+        for d, name, k in leftovers:
+            final = root / name
+            if k == kind and not final.exists() and _complete(d):
+                try:
+                    d.rename(final)
+                except OSError:
+                    continue
+                logging.getLogger(__name__).warning("recovered %s from an interrupted save (%s)", final, d.name)
+                restored.append(final)
+    for d, _, _ in leftovers:
+        if d.exists():
+            shutil.rmtree(d, ignore_errors=True)
+    return restored
+
+
 def prune_checkpoints(root: str | Path, keep_last: int) -> None:
     root = Path(root)
+    recover_interrupted(root)  # first: a dead re-save's complete copies count as checkpoints
     for d in list_checkpoints(root)[:-keep_last]:
         shutil.rmtree(d, ignore_errors=True)
-    for d in root.iterdir():  # leftovers of crashed saves by other processes
-        if ".tmp-" in d.name or ".old-" in d.name:
-            pid = d.name.rsplit("-", 1)[-1]
-            if pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
-                shutil.rmtree(d, ignore_errors=True)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -286,6 +371,58 @@ def _pid_alive(pid: int) -> bool:
     except OSError:
         return True  # no procfs: trust the signal
     return stat.rsplit(")", 1)[-1].split()[0] != "Z"
+
+
+LOCK_FILE = ".lock"
+
+
+class OutputLock:
+    """One training run per output folder: `OUTPUT/.lock` holds the owner's pid and host.
+
+    Two runs on one folder would overwrite each other's checkpoints (one run's result then points
+    at the other's weights; with the same seed they crashed with ENOTEMPTY). A lock whose process
+    is gone (killed, machine rebooted) is stale and taken over. The same process may take it
+    again (a Trainer rebuilt in one process resumes its own run)."""
+
+    def __init__(self, folder: str | Path) -> None:
+        self.path = Path(folder) / LOCK_FILE
+        self.held = False
+
+    def _owner(self) -> tuple[int, str]:
+        try:
+            info = json.loads(self.path.read_text(encoding="utf-8"))
+            return int(info.get("pid", -1)), str(info.get("host", ""))
+        except (OSError, ValueError, TypeError, AttributeError):
+            return -1, ""  # unreadable (a writer killed mid-write): treated as stale
+
+    def acquire(self) -> "OutputLock":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        me = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%dT%H:%M:%S")}
+        for _ in range(3):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                pid, host = self._owner()
+                if pid == os.getpid() and host == socket.gethostname():
+                    self.held = True
+                    return self
+                if pid > 0 and (host != socket.gethostname() or _pid_alive(pid)):
+                    where = "" if host == socket.gethostname() else f" on {host}"
+                    raise CheckpointError(f"{self.path.parent}: in use by another training run (pid {pid}{where}); "
+                                          f"use another Global.output_dir, or delete {self.path} if that run is gone")
+                logging.getLogger(__name__).warning("%s: taking over a stale lock (pid %s is gone)", self.path, pid)
+                self.path.unlink(missing_ok=True)
+                continue
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                fh.write(json.dumps(me))
+            self.held = True
+            return self
+        raise CheckpointError(f"{self.path}: could not take the output folder's lock")
+
+    def release(self) -> None:
+        if self.held and self._owner() == (os.getpid(), socket.gethostname()):
+            self.path.unlink(missing_ok=True)
+        self.held = False
 
 
 def latest_checkpoint(root: str | Path) -> Optional[Path]:

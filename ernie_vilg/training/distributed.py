@@ -338,7 +338,10 @@ class ParallelContext:
             hcg = api.init(topo, cfg.Distributed.accumulate_steps)
             _check_layout(topo, hcg)
         if rank == 0:
-            log.info("%s\nglobal batch %d = micro %d x accumulation %d x dp %d x sharding %d",
+            # one process has nothing to report: at INFO the lines would precede every one-line
+            # error of tools/train.py on stderr
+            log.log(logging.INFO if topo.distributed else logging.DEBUG,
+                    "%s\nglobal batch %d = micro %d x accumulation %d x dp %d x sharding %d",
                      topo.describe(), global_batch_size(cfg), micro_batch_size(cfg),
                      cfg.Distributed.accumulate_steps, topo.dp_degree, topo.sharding_degree)
         return cls(cfg, topo, api, hcg)

@@ -60,6 +60,27 @@ class MetricsLogger:
         if split == "train":
             log.info(console_line(record))
 
+    def drop_after(self, step: int) -> None:
+        """Remove log.jsonl records of steps after `step` (a resumed run trains them again, so
+        they would appear twice). VisualDL files are append-only: there the later value wins."""
+        path = self.out / "log.jsonl"
+        if not self.enabled or not path.is_file():
+            return
+        kept, dropped = [], 0
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                later = int(json.loads(line).get("step", 0)) > step
+            except (ValueError, AttributeError, TypeError):
+                later = False  # keep what we cannot read rather than lose it
+            if later:
+                dropped += 1
+            else:
+                kept.append(line)
+        if dropped:
+            tmp = path.with_name(path.name + ".tmp")
+            tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+            tmp.replace(path)
+
     def close(self) -> None:
         if self._vdl is not None:
             self._vdl.close()

@@ -33,10 +33,10 @@ from tqdm import tqdm
 from ernie_vilg.config import Config, ConfigError
 from ernie_vilg.training import amp
 from ernie_vilg.training.checkpoint import (
-    CheckpointError, begin_checkpoint, commit_checkpoint, latest_checkpoint, load_model_state,
+    CheckpointError, OutputLock, begin_checkpoint, commit_checkpoint, latest_checkpoint, load_model_state,
     load_optimizer_state, optimizer_shard_name, optimizer_state_from_structured,
-    optimizer_state_to_structured, rank_state_name, read_meta, save_checkpoint, save_file,
-    set_model_state, state_bytes,
+    optimizer_state_to_structured, rank_state_name, read_meta, recover_interrupted, save_checkpoint,
+    save_file, set_model_state, state_bytes,
 )
 from ernie_vilg.training.distributed import ParallelContext
 from ernie_vilg.training.logging import MetricsLogger
@@ -121,6 +121,21 @@ def _batch_len(x: Any) -> Optional[int]:
     return None
 
 
+def _load_state_file(path: Path) -> Any:
+    """trainer_state.pd / rank_state.*.pd, or one-line CheckpointError (missing, truncated)."""
+    if not path.is_file():
+        raise CheckpointError(f"{path.parent}: cannot resume: no {path.name}; set Train.resume_weights_only=true "
+                              "to continue from the weights alone")
+    try:
+        state = safe_paddle_load(path)
+    except Exception as exc:  # truncated pickles raise assorted types
+        raise CheckpointError(f"{path}: cannot load ({type(exc).__name__}: {str(exc)[:120]}); set "
+                              "Train.resume_weights_only=true to continue from the weights alone") from None
+    if not isinstance(state, dict) or "step" not in state:
+        raise CheckpointError(f"{path}: not a trainer state (no step)")
+    return state
+
+
 def _numpy_rng_state() -> list[Any]:
     # plain Python values: paddle.save would turn the uint32 key array into a tensor it cannot hold
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
@@ -140,10 +155,20 @@ class Trainer:
         data_rank, data_world = (topo.data_rank, topo.data_world) if topo.distributed else (rank, world_size)
         self.out = Path(cfg.Global.output_dir)
         self.ckpt_root = self.out / "checkpoints"
+        # one run per output folder (rank 0 holds the lock for the job), taken before anything
+        # is read or written there; then a dead writer's half-committed save is put back
+        self.lock = OutputLock(self.out)
+        if self.rank == 0:
+            self.lock.acquire()
+            recover_interrupted(self.ckpt_root)
+            recover_interrupted(self.out)  # OUTPUT/best
+        if topo.distributed:
+            self.parallel.barrier()  # no rank looks for checkpoints before rank 0 recovered them
         self.step = 0
         self.skipped_steps = 0
         self.nan_guard = NanGuard(max_consecutive=cfg.Train.max_consecutive_skips)
         self.history: list[dict[str, Any]] = []
+        self.log_window: list[dict[str, float]] = []
         self.best_metric: Optional[str] = getattr(module, "best_metric", None) or None
         self.best_value: Optional[float] = None
         self.metrics = MetricsLogger(self.out, enabled=self.rank == 0)
@@ -215,6 +240,8 @@ class Trainer:
             "data": self.batches.state_dict(),
             "rng_paddle": paddle.get_rng_state(),
             "rng_numpy": _numpy_rng_state(),
+            # the open logging window: a run resumed mid-window logs the same mean as one never stopped
+            "log_window": [{k: float(v) for k, v in w.items()} for w in self.log_window],
         }
         if self.scaler is not None and hasattr(self.scaler, "state_dict"):
             state["scaler"] = self.scaler.state_dict()
@@ -288,14 +315,28 @@ class Trainer:
 
     def _load_training_state(self, ckpt: Path) -> None:
         topo = self.parallel.topo
+        weights_only = self.cfg.Train.resume_weights_only
         opt_state = load_optimizer_state(ckpt, topo.sharding_rank, topo.sharding_degree)
         if opt_state is not None:
             self.optimizer.set_state_dict(optimizer_state_from_structured(opt_state, self.inner))
-        state = safe_paddle_load(ckpt / "trainer_state.pd")
+        elif not weights_only:
+            # a fresh AdamW state would silently break exact resume (different updates from here on)
+            raise CheckpointError(f"{ckpt}: cannot resume: no optimizer state (optimizer.pdopt); set "
+                                  "Train.resume_weights_only=true to continue from the weights with a fresh optimizer")
+        try:
+            state = _load_state_file(ckpt / "trainer_state.pd")
+        except CheckpointError:
+            if not weights_only:
+                raise
+            self.step = int(read_meta(ckpt).get("step", 0))
+            self.resumed_from = ckpt
+            log.warning("resumed the weights of %s at step %d with a fresh optimizer, data order and RNG "
+                        "(Train.resume_weights_only)", ckpt, self.step)
+            return
         own = ckpt / rank_state_name(self.rank)
         saved_world = int(read_meta(ckpt).get("world_size", 1))
         if topo.distributed and own.is_file() and saved_world == self.world_size:
-            rank_state = safe_paddle_load(own)
+            rank_state = _load_state_file(own)
         else:
             rank_state = state
             if saved_world != self.world_size:
@@ -315,6 +356,9 @@ class Trainer:
         paddle.set_rng_state(rank_state["rng_paddle"])
         kind, keys, pos, has_gauss, gauss = rank_state["rng_numpy"]
         np.random.set_state((kind, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
+        self.log_window[:] = [dict(w) for w in state.get("log_window", [])]
+        # steps after this checkpoint were logged by the run that died; they are trained again now
+        self.metrics.drop_after(self.step)
         self.resumed_from = ckpt
         log.info("resumed from %s at step %d", ckpt, self.step)
 
@@ -390,7 +434,7 @@ class Trainer:
         iterator = iter(self.batches)
         bar = tqdm(total=cfg.max_steps, initial=self.step, desc=f"train {self.module.name}",
                    disable=self.rank != 0 or not cfg.progress_bar, dynamic_ncols=True)
-        window: list[dict[str, float]] = []
+        window = self.log_window  # steps since the last train record (restored on resume)
         last_val: dict[str, float] = {}
         timed_out = False
         first_step = True
@@ -417,7 +461,7 @@ class Trainer:
                 record = self._window_record(window)
                 self._log(record)
                 bar.set_postfix({k: f"{v:.4g}" for k, v in record.items() if k in ("loss", "lr")})
-                window = []
+                window.clear()
             if cfg.eval_every > 0 and self.step % cfg.eval_every == 0 and self.step < cfg.max_steps:
                 last_val = self.validate()
             if cfg.max_minutes > 0 and self.parallel.any_rank((time.time() - start_time) / 60 >= cfg.max_minutes):
@@ -436,5 +480,6 @@ class Trainer:
         last_val = self.validate()
         final = self.save()
         self.metrics.close()
+        self.lock.release()
         return {"step": self.step, "checkpoint": str(final), "val": last_val,
                 "timed_out": timed_out, "seconds": time.time() - start_time}

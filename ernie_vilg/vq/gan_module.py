@@ -148,8 +148,11 @@ class VQGANTrainModule(ImageTokenizerStage):
         ckpt: Optional[Path] = latest_checkpoint(Path(self.cfg.Global.output_dir) / "checkpoints")
         if ckpt is None or not (ckpt / DISC_WEIGHTS_FILE).is_file():
             return
-        self.discriminator.set_state_dict(paddle.load(str(ckpt / DISC_WEIGHTS_FILE)))
+        from ernie_vilg.convert.safetensors_io import safe_paddle_load
+
+        # every pickle goes through the allow-list, also the run's own (docs/security.md)
+        self.discriminator.set_state_dict(safe_paddle_load(ckpt / DISC_WEIGHTS_FILE))
         if (ckpt / DISC_OPT_FILE).is_file():
-            state = paddle.load(str(ckpt / DISC_OPT_FILE))
+            state = safe_paddle_load(ckpt / DISC_OPT_FILE)
             self.disc_optimizer.set_state_dict(optimizer_state_from_structured(state, self.discriminator))
         log.info("discriminator resumed from %s", ckpt)
