@@ -87,16 +87,24 @@ def image_sampling_params(gen: GenerationConfig) -> SamplingParams:
     return SamplingParams(greedy=False, temperature=gen.temperature, top_k=gen.top_k, top_p=gen.top_p)
 
 
-def text_to_image_ids(bundle: VilgBundle, texts: Sequence[str], num_candidates: int = 1, seed: int = 0,
-                      params: Optional[SamplingParams] = None, cfg_scale: Optional[float] = None) -> np.ndarray:
+def text_to_image_ids(bundle: VilgBundle, texts: Sequence[str], num_candidates: int = 1,
+                      seed: int | Sequence[int] = 0, params: Optional[SamplingParams] = None,
+                      cfg_scale: Optional[float] = None, text_width: int = 0,
+                      prefix_ids: Optional[np.ndarray] = None) -> np.ndarray:
     """Image token grids [len(texts) * num_candidates, h, w] (candidates of a text are adjacent).
-    `cfg_scale`: classifier-free guidance scale (default Generation.cfg_scale)."""
+    `seed`: one for the batch, or one per text (decoding.row_rngs). `cfg_scale`: classifier-free
+    guidance scale (default Generation.cfg_scale). `text_width` > 0 pads every text to that many
+    ids (default: to the longest of the batch; a fixed width makes a text's image independent of
+    its batch-mates). `prefix_ids`: image completion (decoding.generate_image_tokens)."""
     cfg = bundle.cfg
-    text_ids = bundle.text_tokenizer.encode_batch(list(texts), cfg.Data.max_text_len, pad_to_longest=True)
+    if text_width:
+        text_ids = bundle.text_tokenizer.encode_batch(list(texts), text_width)
+    else:
+        text_ids = bundle.text_tokenizer.encode_batch(list(texts), cfg.Data.max_text_len, pad_to_longest=True)
     scale = cfg.Generation.cfg_scale if cfg_scale is None else cfg_scale
     return generate_image_tokens(bundle.model, text_ids, params or image_sampling_params(cfg.Generation),
                                  num_candidates=num_candidates, seed=seed, cfg_scale=scale,
-                                 specials=bundle.specials)
+                                 specials=bundle.specials, prefix_ids=prefix_ids)
 
 
 def decode_image_ids(image_tokenizer: Any, ids: np.ndarray) -> np.ndarray:
@@ -172,50 +180,66 @@ def save_grid(images: np.ndarray, path: str | Path, columns: int = 0, min_cell: 
     Image.fromarray(grid).save(path)
 
 
-def generate_to_folder(ckpt: str | Path, texts: Sequence[str], out: str | Path, num_candidates: int = 1,
-                       seed: int = 0, keep: int = 0, reranker: Optional[str | Path] = None,
-                       rank_by: str = "", cfg_scale: Optional[float] = None) -> list[Path]:
-    """tools/generate.py: a PNG per sample (`{text index}_{candidate}.png`) and grid.png.
+def apply_sampling_overrides(cfg: Config, overrides: dict[str, Any]) -> None:
+    """Replace Generation.temperature / top_k / top_p / cfg_scale where a value is given (not
+    None), after checking it (ValueError naming the flag)."""
+    checks = {"temperature": (lambda v: v > 0, "> 0"), "top_k": (lambda v: v >= 0, ">= 0"),
+              "top_p": (lambda v: 0 < v <= 1, "in (0, 1]"), "cfg_scale": (lambda v: v > 0, "> 0")}
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        ok, rule = checks[key]
+        if not ok(value):
+            raise ValueError(f"--{key.replace('_', '-')} must be {rule}, got {value}")
+        setattr(cfg.Generation, key, type(getattr(cfg.Generation, key))(value))
 
-    With `keep` (1 <= keep <= num_candidates) the candidates of each text are ranked (best-of-N,
-    generation/best_of_n.py, by `rank_by`: reranker | likelihood | both; default reranker when a
-    reranker checkpoint is given, else likelihood), only the best `keep` are written
-    (`{text index}_rank{r}.png`), grid.png shows every candidate best first with the kept ones
-    framed, and ranking.json holds the order and scores. `cfg_scale` (tools/generate.py
-    --cfg-scale) replaces the checkpoint's Generation.cfg_scale."""
+
+def image_prefix_ids(bundle: VilgBundle, image_path: str | Path, keep_rows: int) -> np.ndarray:
+    """The first `keep_rows` token rows of an image file's tokens, in raster order: int64 [keep_rows * w]."""
+    from ernie_vilg.data.images import load_image
+
+    if bundle.image_tokenizer is None:
+        raise FileNotFoundError(f"{bundle.ckpt_dir}: no image tokenizer to encode --init-image")
+    grid = bundle.cfg.Model.image_grid
+    if not 1 <= keep_rows <= grid:
+        raise ValueError(f"--keep-rows must be in [1, {grid}] (the image has {grid} token rows), got {keep_rows}")
+    pixels = load_image(image_path, bundle.cfg.Data.image_size)[None]  # [1, 3, H, W]
+    ids = bundle.image_tokenizer.encode_to_ids(paddle.to_tensor(pixels)).numpy()[0]  # [h, w]
+    return ids[:keep_rows].reshape(-1).astype(np.int64)
+
+
+def generate_batch_to_folder(ckpt: str | Path, prompts: Sequence[Any], out: str | Path, settings: Any,
+                             reranker: Optional[str | Path] = None, overrides: Optional[dict[str, Any]] = None,
+                             init_image: Optional[str | Path] = None, keep_rows: int = 0,
+                             grid: bool = False) -> dict[str, int]:
+    """tools/generate.py (file layout in generation/batch.py): this rank's share of `prompts`
+    (rank and world size from paddle.distributed.launch's environment). `grid`: also write
+    grid.png of every kept image, one row per prompt (for a handful of --text prompts)."""
     from PIL import Image
 
-    bundle = load_bundle(ckpt, need_image_tokenizer=True)
-    if cfg_scale is not None:
-        bundle.cfg.Generation.cfg_scale = float(cfg_scale)
+    from ernie_vilg.generation.batch import generate_prompt_file, image_names
+    from ernie_vilg.training.distributed import world_from_env
+
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = []
-    if not keep:
-        images = text_to_image(bundle, texts, num_candidates, seed)
-        for i, img in enumerate(images):
-            path = out / f"{i // num_candidates:03d}_{i % num_candidates:02d}.png"
-            Image.fromarray(img).save(path)
-            paths.append(path)
-        save_grid(images, out / "grid.png", columns=num_candidates if len(texts) > 1 else 0)
-        return paths
-
-    from ernie_vilg.generation.best_of_n import best_of_n, ranked_grid
-
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out}: exists and is not a folder")
+    bundle = load_bundle(ckpt, need_image_tokenizer=True)
+    apply_sampling_overrides(bundle.cfg, overrides or {})
     rr = None
     if reranker:
         from ernie_vilg.models.reranker import load_reranker
 
         rr = load_reranker(reranker)
-    signal = rank_by or ("reranker" if rr is not None else "likelihood")
-    images, rankings = best_of_n(bundle, texts, num_candidates, keep, signal, rr, seed)
-    for t, ranking in enumerate(rankings):
-        for r, cand in enumerate(ranking.kept):
-            path = out / f"{t:03d}_rank{r}.png"
-            Image.fromarray(images[t * num_candidates + int(cand)]).save(path)
-            paths.append(path)
-    Image.fromarray(ranked_grid(images, rankings)).save(out / "grid.png")
-    (out / "ranking.json").write_text(json.dumps({"signal": signal, "num_candidates": num_candidates,
-                                                  "keep": keep, "texts": [r.to_dict() for r in rankings]},
-                                                 ensure_ascii=False, indent=1), encoding="utf-8")
-    return paths
+    prefix, extra = None, None
+    if init_image is not None:
+        prefix = image_prefix_ids(bundle, init_image, keep_rows)
+        extra = {"init_image": str(init_image), "keep_rows": keep_rows}
+    rank, world = world_from_env()
+    counts = generate_prompt_file(bundle, prompts, out, settings, rr, rank, world, prefix_ids=prefix, extra=extra)
+    if grid and rank == 0:
+        kept = settings.keep or settings.num_candidates
+        images = [np.asarray(Image.open(out / name).convert("RGB")) for p in prompts
+                  for name in image_names(p.id, kept) if (out / name).is_file()]
+        if images:
+            save_grid(np.stack(images), out / "grid.png", columns=kept if len(prompts) > 1 else 0)
+    return counts
