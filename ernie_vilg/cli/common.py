@@ -9,6 +9,8 @@ from typing import Callable
 # Paddle prints a "No ccache found" notice when it is imported; it would turn a one-line error
 # into two lines on stderr.
 warnings.filterwarnings("ignore", message=".*ccache.*")
+# ... and paddlenlp's import makes setuptools announce that it replaces distutils
+warnings.filterwarnings("ignore", message=".*Setuptools is replacing distutils.*")
 
 from ernie_vilg.config import Config, ConfigError, load_config
 
