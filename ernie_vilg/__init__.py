@@ -9,3 +9,15 @@ mkl_avx2_on_amd()
 contiguous_views_on_cpu()
 # ... and large activations would be fresh zeroed pages at every step (runtime.py).
 keep_freed_memory()
+
+
+def __getattr__(name: str):  # PEP 562: `from ernie_vilg import ErnieViLGPipeline` without
+    # importing Paddle at `import ernie_vilg` (the settings above must run before Paddle loads)
+    if name == "ErnieViLGPipeline":
+        from ernie_vilg.pipeline import ErnieViLGPipeline
+
+        return ErnieViLGPipeline
+    raise AttributeError(f"module 'ernie_vilg' has no attribute {name!r}")
+
+
+__all__ = ["ErnieViLGPipeline", "__version__"]

@@ -55,14 +55,26 @@ def _tokenizer_dir(ckpt: Path, cfg: Config) -> Optional[Path]:
 
 
 def load_bundle(ckpt: str | Path, need_image_tokenizer: bool = False) -> VilgBundle:
-    """Model, text tokenizer and image tokenizer from a checkpoint folder (or its parent run)."""
+    """Model, text tokenizer and image tokenizer from a checkpoint folder (or its parent run), or
+    from a pretrained folder (generation/pretrained.py). Weights saved in float16 / bfloat16 are
+    cast to the model's dtype."""
+    from ernie_vilg.generation.pretrained import (
+        IMAGE_TOKENIZER_DIR, is_pretrained_dir, load_pretrained_config, load_pretrained_weights,
+    )
     from ernie_vilg.text.tokenizer import TextTokenizer
     from ernie_vilg.training.checkpoint import load_checkpoint_config, load_model_state, set_model_state
 
-    ckpt_dir, cfg = load_checkpoint_config(ckpt)
+    if is_pretrained_dir(ckpt):
+        ckpt_dir, cfg = Path(ckpt), load_pretrained_config(ckpt)
+        tok_dir: Optional[Path] = ckpt_dir / IMAGE_TOKENIZER_DIR
+        tok_dir = tok_dir if (tok_dir / "model.pdparams").is_file() else None
+        load_state = load_pretrained_weights
+    else:
+        ckpt_dir, cfg = load_checkpoint_config(ckpt)
+        tok_dir = _tokenizer_dir(ckpt_dir, cfg)
+        load_state = load_model_state
     vocab = ckpt_dir / "vocab.txt"
     text_tokenizer = TextTokenizer(vocab if vocab.is_file() else cfg.Data.vocab_file)
-    tok_dir = _tokenizer_dir(ckpt_dir, cfg)
     image_tokenizer = None
     if tok_dir is not None:
         from ernie_vilg.vq.base import load_tokenizer
@@ -78,7 +90,7 @@ def load_bundle(ckpt: str | Path, need_image_tokenizer: bool = False) -> VilgBun
     if image_tokenizer is not None and cfg.Model.image_grid == 0:
         cfg.Model.image_grid = image_tokenizer.grid_size(cfg.Data.image_size)
     model = ErnieViLG(cfg.Model)
-    set_model_state(model, load_model_state(ckpt_dir), ckpt_dir)
+    set_model_state(model, load_state(ckpt_dir), ckpt_dir)
     model.eval()
     return VilgBundle(cfg, model, text_tokenizer, image_tokenizer, ckpt_dir)
 
