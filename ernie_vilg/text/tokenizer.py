@@ -66,7 +66,7 @@ class TextTokenizer:
         from paddlenlp.utils.log import logger
 
         # paddlenlp logs one INFO line per file written; tools promise quiet output
-        was_enabled = logger.is_enable()
+        was_enabled = logger.is_enable  # a property
         logger.disable()
         try:
             self._tok.save_pretrained(str(folder))
