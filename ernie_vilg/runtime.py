@@ -144,3 +144,23 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     paddle.seed(seed)
+
+
+class _NoBar:
+    """Stands in for a tqdm bar when progress is off (tests, logs, non-zero ranks)."""
+
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def progress_bar(total: int, desc: str, unit: str = "it", enable: bool = True):  # -> tqdm | _NoBar
+    """One progress bar for the long loops of the tools (generation, captioning, VQA, evaluation):
+    a tqdm bar on stderr, or a no-op when `enable` is False. tqdm is imported only when used."""
+    if not enable:
+        return _NoBar()
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, leave=False, dynamic_ncols=True)

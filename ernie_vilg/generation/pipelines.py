@@ -157,18 +157,23 @@ def captions_from_ids(bundle: VilgBundle, image_ids: np.ndarray, strategy: Optio
 
 
 def caption_images(bundle: VilgBundle, image_paths: Sequence[str | Path], strategy: Optional[str] = None,
-                   batch_size: int = 16) -> list[str]:
-    """One caption per image file (center crop + resize to Data.image_size, then the VQ encoder)."""
+                   batch_size: int = 16, progress: bool = False) -> list[str]:
+    """One caption per image file (center crop + resize to Data.image_size, then the VQ encoder).
+    `progress`: a bar in images."""
     from ernie_vilg.data.images import load_image
+    from ernie_vilg.runtime import progress_bar
 
     if bundle.image_tokenizer is None:
         raise FileNotFoundError(f"{bundle.ckpt_dir}: no image tokenizer to encode images")
     captions: list[str] = []
+    bar = progress_bar(len(image_paths), "captions", "image", progress)
     for start in range(0, len(image_paths), batch_size):
         chunk = image_paths[start:start + batch_size]
         pixels = np.stack([load_image(p, bundle.cfg.Data.image_size) for p in chunk])  # [b, 3, H, W]
         ids = bundle.image_tokenizer.encode_to_ids(paddle.to_tensor(pixels)).numpy()
         captions += captions_from_ids(bundle, ids, strategy)
+        bar.update(len(chunk))
+    bar.close()
     return captions
 
 
