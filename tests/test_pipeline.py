@@ -69,7 +69,7 @@ def test_pretrained_folder_has_paddlenlp_layout_and_autotokenizer_loads_it(pretr
 @pytest.mark.parametrize("dtype, safetensors", [("bfloat16", False), ("float16", True), ("bfloat16", True)])
 def test_half_precision_pretrained_folders_load_cast_to_float32(ckpt, tmp_path, dtype, safetensors) -> None:
     from ernie_vilg.generation.pipelines import load_bundle
-    from ernie_vilg.generation.pretrained import save_pretrained
+    from ernie_vilg.generation.pipelines import save_pretrained
 
     out = save_pretrained(ckpt, tmp_path / dtype, safetensors=safetensors, dtype=dtype)
     assert (out / ("model.safetensors" if safetensors else "model_state.pdparams")).is_file()

@@ -39,7 +39,7 @@ def _from_safetensors(args: argparse.Namespace) -> int:
 
 
 def _to_pretrained(args: argparse.Namespace) -> int:
-    from ernie_vilg.generation.pretrained import save_pretrained
+    from ernie_vilg.generation.pipelines import save_pretrained
 
     print(save_pretrained(args.ckpt, args.out, args.safetensors, args.dtype))
     return 0

@@ -73,8 +73,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.exit(2, "error: --init-image and --keep-rows >= 1 go together\n")
 
     def run() -> int:
-        from ernie_vilg.generation.batch import BatchSettings, Prompt, read_prompts
-        from ernie_vilg.generation.pipelines import generate_batch_to_folder
+        from ernie_vilg.generation.batch import BatchSettings, Prompt, generate_batch_to_folder, read_prompts
         from ernie_vilg.runtime import configure_threads
 
         configure_threads(args.threads)

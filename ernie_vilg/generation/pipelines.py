@@ -225,38 +225,15 @@ def image_prefix_ids(bundle: VilgBundle, image_path: str | Path, keep_rows: int)
     return ids[:keep_rows].reshape(-1).astype(np.int64)
 
 
-def generate_batch_to_folder(ckpt: str | Path, prompts: Sequence[Any], out: str | Path, settings: Any,
-                             reranker: Optional[str | Path] = None, overrides: Optional[dict[str, Any]] = None,
-                             init_image: Optional[str | Path] = None, keep_rows: int = 0,
-                             grid: bool = False) -> dict[str, int]:
-    """tools/generate.py (file layout in generation/batch.py): this rank's share of `prompts`
-    (rank and world size from paddle.distributed.launch's environment). `grid`: also write
-    grid.png of every kept image, one row per prompt (for a handful of --text prompts)."""
-    from PIL import Image
+def save_pretrained(ckpt: str | Path, out: str | Path, safetensors: bool = False, dtype: Optional[str] = None
+                    ) -> Path:
+    """tools/convert_checkpoint.py to-pretrained: the pretrained folder (generation/pretrained.py)
+    of a vilg checkpoint folder, its run folder, or another pretrained folder."""
+    from ernie_vilg.generation.pretrained import IMAGE_TOKENIZER_DIR, is_pretrained_dir, write_pretrained
 
-    from ernie_vilg.generation.batch import generate_prompt_file, image_names
-    from ernie_vilg.training.distributed import world_from_env
-
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out}: exists and is not a folder")
     bundle = load_bundle(ckpt, need_image_tokenizer=True)
-    apply_sampling_overrides(bundle.cfg, overrides or {})
-    rr = None
-    if reranker:
-        from ernie_vilg.models.reranker import load_reranker
-
-        rr = load_reranker(reranker)
-    prefix, extra = None, None
-    if init_image is not None:
-        prefix = image_prefix_ids(bundle, init_image, keep_rows)
-        extra = {"init_image": str(init_image), "keep_rows": keep_rows}
-    rank, world = world_from_env()
-    counts = generate_prompt_file(bundle, prompts, out, settings, rr, rank, world, prefix_ids=prefix, extra=extra)
-    if grid and rank == 0:
-        kept = settings.keep or settings.num_candidates
-        images = [np.asarray(Image.open(out / name).convert("RGB")) for p in prompts
-                  for name in image_names(p.id, kept) if (out / name).is_file()]
-        if images:
-            save_grid(np.stack(images), out / "grid.png", columns=kept if len(prompts) > 1 else 0)
-    return counts
+    if is_pretrained_dir(bundle.ckpt_dir):
+        tok_dir: Optional[Path] = bundle.ckpt_dir / IMAGE_TOKENIZER_DIR
+    else:
+        tok_dir = _tokenizer_dir(bundle.ckpt_dir, bundle.cfg)
+    return write_pretrained(bundle, tok_dir, out, safetensors, dtype)

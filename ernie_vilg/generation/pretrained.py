@@ -10,7 +10,7 @@
     image_tokenizer/          the VQ tokenizer: a checkpoint folder (model.pdparams,
                               config.yaml, meta.json) that vq.base.load_tokenizer reads
 
-Written by `tools/convert_checkpoint.py to-pretrained`; read by `load_bundle` (hence by every tool
+Written by `tools/convert_checkpoint.py to-pretrained` (pipelines.save_pretrained); read by `load_bundle` (hence by every tool
 that takes --ckpt) and by `ErnieViLGPipeline.from_pretrained`. Weights may be float32, float16 or
 bfloat16; they are cast to the model's dtype on load (training.checkpoint.cast_to_model_dtypes).
 """
@@ -44,16 +44,15 @@ def is_pretrained_dir(path: str | Path) -> bool:
         return False
 
 
-def save_pretrained(ckpt: str | Path, out: str | Path, safetensors: bool = False,
-                    dtype: Optional[str] = None) -> Path:
-    """Write the pretrained folder of a vilg checkpoint (a step folder or its run folder) to `out`
-    (replaced if it exists; written under a temporary name and renamed)."""
-    from ernie_vilg.generation.pipelines import load_bundle
+def write_pretrained(bundle: Any, image_tokenizer_dir: Path, out: str | Path, safetensors: bool = False,
+                     dtype: Optional[str] = None) -> Path:
+    """Write the pretrained folder of a loaded vilg checkpoint (`pipelines.VilgBundle`; its image
+    tokenizer checkpoint at `image_tokenizer_dir`) to `out` (replaced if it exists; written under a
+    temporary name and renamed). `pipelines.save_pretrained` is the entry point from a folder."""
     from ernie_vilg.training.checkpoint import CheckpointError
 
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
-    bundle = load_bundle(ckpt, need_image_tokenizer=True)
     out = Path(out)
     if out.resolve() == bundle.ckpt_dir.resolve():
         raise CheckpointError(f"{out}: the output folder must differ from the checkpoint")
@@ -80,11 +79,7 @@ def save_pretrained(ckpt: str | Path, out: str | Path, safetensors: bool = False
     (tmp / GENERATION_FILE).write_text(json.dumps(data["Generation"], ensure_ascii=False, indent=1),
                                        encoding="utf-8")
     bundle.text_tokenizer.save_pretrained(tmp)
-    tok_src = bundle.ckpt_dir / IMAGE_TOKENIZER_DIR
-    if not (tok_src / "model.pdparams").is_file():
-        from ernie_vilg.generation.pipelines import _tokenizer_dir
-
-        tok_src = _tokenizer_dir(bundle.ckpt_dir, cfg)
+    tok_src = Path(image_tokenizer_dir)
     (tmp / IMAGE_TOKENIZER_DIR).mkdir()
     for name in ("model.pdparams", "config.yaml", "meta.json"):  # what load_tokenizer needs
         if (tok_src / name).is_file():
