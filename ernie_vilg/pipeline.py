@@ -92,6 +92,11 @@ class ErnieViLGPipeline:
     def _generate(self, text: str | Sequence[str], num_images: int, seed: int, cfg_scale: Optional[float],
                   temperature: Optional[float], top_k: Optional[int], top_p: Optional[float],
                   prefix: Optional[np.ndarray] = None) -> list[Any]:
+        return self._images(self._generate_ids(text, num_images, seed, cfg_scale, temperature, top_k, top_p, prefix))
+
+    def _generate_ids(self, text: str | Sequence[str], num_images: int, seed: int, cfg_scale: Optional[float],
+                      temperature: Optional[float], top_k: Optional[int], top_p: Optional[float],
+                      prefix: Optional[np.ndarray] = None) -> np.ndarray:
         from ernie_vilg.generation.pipelines import text_to_image_ids
 
         texts = [text] if isinstance(text, str) else list(text)
@@ -101,9 +106,8 @@ class ErnieViLGPipeline:
             raise ValueError(f"cfg_scale must be > 0, got {cfg_scale}")
         # one seed per text and a fixed text width: a text's images do not depend on the others
         seeds = [seed + i for i in range(len(texts))]
-        ids = text_to_image_ids(self.bundle, texts, num_images, seeds, self._sampling(temperature, top_k, top_p),
-                                cfg_scale, text_width=self.bundle.cfg.Data.max_text_len, prefix_ids=prefix)
-        return self._images(ids)
+        return text_to_image_ids(self.bundle, texts, num_images, seeds, self._sampling(temperature, top_k, top_p),
+                                 cfg_scale, text_width=self.bundle.cfg.Data.max_text_len, prefix_ids=prefix)
 
     # ------------------------------------------------------------------ the four tasks
     def __call__(self, text: str | Sequence[str], num_images: int = 1, seed: int = 0,
@@ -112,6 +116,22 @@ class ErnieViLGPipeline:
         """Text -> `num_images` PIL images per text (texts in order, a text's images adjacent).
         `cfg_scale`: classifier-free guidance (default Generation.cfg_scale; 1 = off)."""
         return self._generate(text, num_images, seed, cfg_scale, temperature, top_k, top_p)
+
+    def best_of(self, text: str, num_images: int, rank_by: str = "likelihood", reranker: Optional[Any] = None,
+                seed: int = 0, cfg_scale: Optional[float] = None, temperature: Optional[float] = None,
+                top_k: Optional[int] = None, top_p: Optional[float] = None) -> tuple[list[Any], list[dict[str, float]]]:
+        """Best-of-N (paper sec. 4.2): `num_images` samples of `text`, best first, ranked by the
+        model's own caption likelihood, the contrastive `reranker` (models.reranker.load_reranker)
+        or both; returns (images, per-image scores)."""
+        from ernie_vilg.generation.best_of_n import rank_candidates_by, score_candidates
+        from ernie_vilg.generation.pipelines import decode_image_ids
+
+        ids = self._generate_ids(text, num_images, seed, cfg_scale, temperature, top_k, top_p)
+        arrays = decode_image_ids(self.bundle.image_tokenizer, ids)
+        scores = score_candidates(self.bundle, text, arrays, ids, rank_by, reranker)
+        order = rank_candidates_by(scores, rank_by)
+        images = self._images(ids[order])
+        return images, [{k: float(v[i]) for k, v in scores.items()} for i in order]
 
     def caption(self, images: ImageLike | Sequence[ImageLike], strategy: Optional[str] = None,
                 beam_size: Optional[int] = None, cfg_scale: Optional[float] = None) -> str | list[str]:

@@ -183,3 +183,18 @@ def test_generate_tool_completes_an_init_image(ckpt, pipe, tmp_path) -> None:
     bad = _tool(str(REPO / "tools/generate.py"), "--ckpt", str(ckpt), "--text", "x", "--init-image", str(src),
                 "--keep-rows", "9", "--out", str(tmp_path / "d"))
     assert bad.returncode == 2 and "--keep-rows must be in [1, 4]" in bad.stderr
+
+
+def test_images_are_resized_to_the_size_the_tokenizer_was_trained_at(tmp_path) -> None:
+    """A vilg config may keep its base's Data.image_size (the quickstart's says 64 px, its
+    tokenizer and shards are 48 px): images given to the tools must be resized so that the
+    tokenizer makes the model's grid, or captioning fails on a token-count mismatch."""
+    from ernie_vilg.generation.pipelines import caption_images, load_bundle
+
+    ckpt = write_tiny_checkpoint(tmp_path / "m", 0, "Data.image_size=64")
+    bundle = load_bundle(ckpt, need_image_tokenizer=True)
+    assert bundle.cfg.Data.image_size == 16 and bundle.cfg.Model.image_grid == 4
+    from PIL import Image
+
+    Image.new("RGB", (40, 40), (200, 30, 30)).save(tmp_path / "red.png")
+    assert len(caption_images(bundle, [tmp_path / "red.png"])) == 1

@@ -89,10 +89,29 @@ def load_bundle(ckpt: str | Path, need_image_tokenizer: bool = False) -> VilgBun
         cfg.Model.image_vocab_size = image_tokenizer.codebook_size
     if image_tokenizer is not None and cfg.Model.image_grid == 0:
         cfg.Model.image_grid = image_tokenizer.grid_size(cfg.Data.image_size)
+    if image_tokenizer is not None:
+        _match_image_size(cfg, image_tokenizer, tok_dir)
     model = ErnieViLG(cfg.Model)
     set_model_state(model, load_state(ckpt_dir), ckpt_dir)
     model.eval()
     return VilgBundle(cfg, model, text_tokenizer, image_tokenizer, ckpt_dir)
+
+
+def _match_image_size(cfg: Config, image_tokenizer: Any, tok_dir: Path) -> None:
+    """Images given to the tools are resized to Data.image_size before the VQ encoder; that size
+    must give the model's token grid. A vilg config may carry its base's image size while its
+    token shards were made at the tokenizer's (the quickstart: 64 px in the config, 48 px shards),
+    so the tokenizer checkpoint's own Data.image_size decides when the two disagree."""
+    grid = cfg.Model.image_grid
+    if image_tokenizer.grid_size(cfg.Data.image_size) == grid:
+        return
+    from ernie_vilg.training.checkpoint import load_checkpoint_config
+
+    tok_size = load_checkpoint_config(tok_dir)[1].Data.image_size
+    if image_tokenizer.grid_size(tok_size) != grid:
+        raise ValueError(f"{tok_dir}: the image tokenizer makes a {image_tokenizer.grid_size(tok_size)}-token grid "
+                         f"at its {tok_size} px, the model expects {grid} x {grid} (Model.image_grid)")
+    cfg.Data.image_size = tok_size
 
 
 def image_sampling_params(gen: GenerationConfig) -> SamplingParams:
