@@ -1,8 +1,9 @@
-"""Training logs: a console line, `log.jsonl`, and VisualDL scalars (optional).
+"""Training logs: a console line, `log.jsonl`, and VisualDL scalars, images and texts (optional).
 
 VisualDL (2.5.3, works with numpy<2) writes `<output_dir>/vdl`; view it with
 `visualdl --logdir <output_dir>/vdl`. If it is not importable the scalars are skipped with one
-message. Only rank 0 writes.
+message. Only rank 0 writes. Validation media (`write_media`): image grids (`add_image`, mirrored
+as PNG files to `<output_dir>/samples/step-N.png`) and texts (`add_text`).
 """
 from __future__ import annotations
 
@@ -60,6 +61,33 @@ class MetricsLogger:
         if split == "train":
             log.info(console_line(record))
 
+    def write_media(self, step: int, media: Any) -> list[Path]:
+        """Log a `training.module.ValidationMedia`: every grid with add_image under `val/<tag>`,
+        every text with add_text; the first grid is mirrored to samples/step-N.png, the others to
+        samples/step-N_<tag>.png (a PNG needs no VisualDL to look at). Returns the PNG paths."""
+        if not self.enabled or media is None:
+            return []
+        from PIL import Image
+
+        samples = self.out / "samples"
+        samples.mkdir(parents=True, exist_ok=True)
+        writer = self._writer()
+        paths = []
+        for i, (tag, grid) in enumerate(media.images.items()):
+            slug = "".join(c if c.isalnum() or c in "-_" else "-" for c in tag)
+            path = samples / (f"step-{step}.png" if i == 0 else f"step-{step}_{slug}.png")
+            tmp = path.with_name(path.name + ".tmp")
+            Image.fromarray(grid).save(tmp, format="PNG")
+            tmp.replace(path)
+            paths.append(path)
+            if writer is not None:
+                writer.add_image(tag=f"val/{tag}", img=grid, step=step, dataformats="HWC")
+        if writer is not None:
+            for tag, text in media.texts.items():
+                writer.add_text(tag=f"val/{tag}", text_string=text, step=step)
+            writer.flush()
+        return paths
+
     def close(self) -> None:
         if self._vdl is not None:
             self._vdl.close()
@@ -76,3 +104,23 @@ def console_line(record: dict[str, Any]) -> str:
     parts += [f"{k} {v:.4g}" for k, v in record.items()
               if k.startswith("loss_") and isinstance(v, (int, float))]
     return " | ".join(parts)
+
+
+def media_grid(rows: list[Any], min_cell: int = 64, gap: int = 2) -> Any:
+    """uint8 image rows (each [N, H, W, 3], equal N) -> one grid [H', W', 3] with grey gaps;
+    images smaller than `min_cell` are upscaled by an integer factor (nearest neighbour) so that a
+    32 px sample stays readable in VisualDL."""
+    import numpy as np
+
+    rows = [np.asarray(r, dtype=np.uint8) for r in rows]
+    h, w = rows[0].shape[1:3]
+    factor = max(1, -(-min_cell // max(1, min(h, w))))
+    h, w = h * factor, w * factor
+    n = max(len(r) for r in rows)
+    grid = np.full((len(rows) * (h + gap) + gap, n * (w + gap) + gap, 3), 128, dtype=np.uint8)
+    for r, row in enumerate(rows):
+        for c, img in enumerate(row):
+            big = np.repeat(np.repeat(img, factor, axis=0), factor, axis=1)
+            y, x = gap + r * (h + gap), gap + c * (w + gap)
+            grid[y:y + h, x:x + w] = big
+    return grid

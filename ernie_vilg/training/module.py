@@ -6,9 +6,11 @@ wrapping. Stages never see the optimizer or the distributed wrappers.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Protocol
 
+import numpy as np
 import paddle
 
 from ernie_vilg.config import Config
@@ -24,10 +26,25 @@ class ResumableBatches(Protocol):
     def set_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
+@dataclass
+class ValidationMedia:
+    """What a validation shows besides numbers: image grids (tag -> uint8 [H, W, 3]) and texts
+    (tag -> markdown), logged to VisualDL; the first grid is mirrored to OUTPUT/samples/step-N.png.
+    A tag names one kind only: VisualDL keeps one record type per tag (an image and a text both
+    called "prompts" would lose the text)."""
+
+    images: dict[str, np.ndarray] = field(default_factory=dict)
+    texts: dict[str, str] = field(default_factory=dict)
+
+
 class TrainModule(Protocol):
     name: str  # e.g. "vq", "vilg"
-    # Optional, duck-typed (not a member, so stages without it still match): `best_metric`, the
-    # name of a `validate` metric to maximise; the Trainer then keeps the best weights in OUTPUT/best.
+    # Optional, duck-typed (not members, so stages without them still match):
+    # - `best_metric`, the name of a `validate` metric to maximise; the Trainer then keeps the best
+    #   weights in OUTPUT/best;
+    # - `validation_media(model, step) -> ValidationMedia | None`, called on every rank right after
+    #   `validate` (model in eval mode, no grad; every rank runs it, as validation, so sharded
+    #   weights stay collective); rank 0 logs it.
 
     def build_model(self) -> paddle.nn.Layer:
         """Create the trainable model (weights initialised from cfg.Global.seed)."""
