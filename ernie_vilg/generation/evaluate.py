@@ -342,13 +342,12 @@ MEDIA_ITEMS = 8  # validation items shown in VisualDL (the first ones of the val
 
 def validation_media(model: ErnieViLG, text_tokenizer: Any, image_tokenizer: Optional[Any], shards: Any,
                      cfg: Config, seed: int = 0, items: int = MEDIA_ITEMS) -> Any:
-    """training.module.ValidationMedia of the vilg stage: for the first `items` val records (the
+    """training.media.ValidationMedia of the vilg stage: for the first `items` val records (the
     same prompts at every validation), a grid of their true image tokens decoded (top row) over
     the images generated from their texts (bottom row), the prompts, and greedy captions of the
     true tokens beside their references. Without an image tokenizer: the texts only."""
     from ernie_vilg.generation.pipelines import decode_image_ids
-    from ernie_vilg.training.logging import media_grid
-    from ernie_vilg.training.module import ValidationMedia
+    from ernie_vilg.training.media import ValidationMedia, media_grid
 
     records = [shards[i] for i in range(min(items, len(shards)))]
     media = ValidationMedia()

@@ -62,7 +62,7 @@ class MetricsLogger:
             log.info(console_line(record))
 
     def write_media(self, step: int, media: Any) -> list[Path]:
-        """Log a `training.module.ValidationMedia`: every grid with add_image under `val/<tag>`,
+        """Log a `training.media.ValidationMedia`: every grid with add_image under `val/<tag>`,
         every text with add_text; the first grid is mirrored to samples/step-N.png, the others to
         samples/step-N_<tag>.png (a PNG needs no VisualDL to look at). Returns the PNG paths."""
         if not self.enabled or media is None:
@@ -105,22 +105,3 @@ def console_line(record: dict[str, Any]) -> str:
               if k.startswith("loss_") and isinstance(v, (int, float))]
     return " | ".join(parts)
 
-
-def media_grid(rows: list[Any], min_cell: int = 64, gap: int = 2) -> Any:
-    """uint8 image rows (each [N, H, W, 3], equal N) -> one grid [H', W', 3] with grey gaps;
-    images smaller than `min_cell` are upscaled by an integer factor (nearest neighbour) so that a
-    32 px sample stays readable in VisualDL."""
-    import numpy as np
-
-    rows = [np.asarray(r, dtype=np.uint8) for r in rows]
-    h, w = rows[0].shape[1:3]
-    factor = max(1, -(-min_cell // max(1, min(h, w))))
-    h, w = h * factor, w * factor
-    n = max(len(r) for r in rows)
-    grid = np.full((len(rows) * (h + gap) + gap, n * (w + gap) + gap, 3), 128, dtype=np.uint8)
-    for r, row in enumerate(rows):
-        for c, img in enumerate(row):
-            big = np.repeat(np.repeat(img, factor, axis=0), factor, axis=1)
-            y, x = gap + r * (h + gap), gap + c * (w + gap)
-            grid[y:y + h, x:x + w] = big
-    return grid

@@ -6,11 +6,9 @@ wrapping. Stages never see the optimizer or the distributed wrappers.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Protocol
 
-import numpy as np
 import paddle
 
 from ernie_vilg.config import Config
@@ -24,17 +22,6 @@ class ResumableBatches(Protocol):
     def state_dict(self) -> dict[str, Any]: ...
 
     def set_state_dict(self, state: dict[str, Any]) -> None: ...
-
-
-@dataclass
-class ValidationMedia:
-    """What a validation shows besides numbers: image grids (tag -> uint8 [H, W, 3]) and texts
-    (tag -> markdown), logged to VisualDL; the first grid is mirrored to OUTPUT/samples/step-N.png.
-    A tag names one kind only: VisualDL keeps one record type per tag (an image and a text both
-    called "prompts" would lose the text)."""
-
-    images: dict[str, np.ndarray] = field(default_factory=dict)
-    texts: dict[str, str] = field(default_factory=dict)
 
 
 class TrainModule(Protocol):

@@ -148,10 +148,9 @@ def gold_ids_of_records(
 
 def reconstruction_media(tokenizer: ImageTokenizer, records: list[ManifestRecord], image_size: int,
                          items: int = 8) -> Any:
-    """training.module.ValidationMedia of a tokenizer stage: the first `items` val images (top
+    """training.media.ValidationMedia of a tokenizer stage: the first `items` val images (top
     row) over their reconstructions through the codebook (bottom row)."""
-    from ernie_vilg.training.logging import media_grid
-    from ernie_vilg.training.module import ValidationMedia
+    from ernie_vilg.training.media import ValidationMedia, media_grid
 
     chunk = records[:items]
     if not chunk:
