@@ -198,3 +198,25 @@ def test_images_are_resized_to_the_size_the_tokenizer_was_trained_at(tmp_path) -
 
     Image.new("RGB", (40, 40), (200, 30, 30)).save(tmp_path / "red.png")
     assert len(caption_images(bundle, [tmp_path / "red.png"])) == 1
+
+
+def test_completion_is_measured_by_the_judge_against_the_new_caption(pipe) -> None:
+    from types import SimpleNamespace
+
+    from ernie_vilg.data.shapes import make_item
+    from ernie_vilg.generation.completion import evaluate_completion
+
+    records = []
+    for i in range(4):
+        img, rec = make_item(0, "test", i, size=16)
+        ids = pipe.encode_images(np.asarray(img))[0]
+        records.append(SimpleNamespace(image_ids=ids, text=rec["text"], meta={"attrs": rec["attrs"]}))
+    result = evaluate_completion(pipe.bundle, records, [0, 2], seed=0, batch_size=3)
+    assert set(result["keep_rows"]) == {"0", "2"} and result["items"] == 4
+    for row in result["keep_rows"].values():
+        assert row["kept_rows_intact"] == 1.0
+        assert all(0.0 <= row[k] <= 1.0 for k in ("new_all", "new_shape", "source_all"))
+    with pytest.raises(ValueError, match="keep-rows must be in"):
+        evaluate_completion(pipe.bundle, records, [4])
+    with pytest.raises(ValueError, match="attrs"):
+        evaluate_completion(pipe.bundle, [SimpleNamespace(image_ids=None, text="x", meta={})] * 2, [0])
