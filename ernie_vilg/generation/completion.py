@@ -3,11 +3,13 @@ the rest for ANOTHER image's caption, and ask the shapes judge whether the resul
 caption (and, for contrast, whether it still shows the old one).
 
     python -m ernie_vilg.generation.completion --ckpt RUN/vilg --shards RUN/tokens/test \
-        [--keep-rows 0 1 2 3] [--items 64] [--seed 0] [--out completion.json]
+        [--keep-rows 0 1 2 3] [--items 64] [--seed 0] [--pairing other|self] [--out completion.json]
 
-Pairing: item i keeps rows of its own true tokens and takes the caption of item (i + n/2) mod n,
-so every new caption describes a different scene. keep_rows 0 is plain text-to-image for the new
-caption (the ceiling); the more rows are kept, the more of the old scene is forced into the image.
+Pairing `other` (editing): item i keeps rows of its own true tokens and takes the caption of item
+(i + n/2) mod n, so every new caption describes a different scene. Pairing `self` (completion):
+the caption is item i's own, so the kept rows agree with it. keep_rows 0 is plain text-to-image for
+the caption (the ceiling); the more rows are kept, the more of the kept scene is forced into the
+image.
 Results: docs/generation.md.
 """
 from __future__ import annotations
@@ -21,7 +23,7 @@ import numpy as np
 
 
 def evaluate_completion(bundle: Any, records: Sequence[Any], keep_rows: Sequence[int], seed: int = 0,
-                        batch_size: int = 32, progress: bool = False) -> dict[str, Any]:
+                        batch_size: int = 32, progress: bool = False, pairing: str = "other") -> dict[str, Any]:
     """Judge accuracy of completed images against the new caption (`new_*`) and against the
     caption of the image whose rows were kept (`source_*`), per number of kept rows. `records`:
     token shard rows with `meta["attrs"]` (the shapes world)."""
@@ -37,10 +39,12 @@ def evaluate_completion(bundle: Any, records: Sequence[Any], keep_rows: Sequence
     bad = [k for k in keep_rows if not 0 <= k < grid]
     if bad:
         raise ValueError(f"--keep-rows must be in [0, {grid - 1}] (a {grid}-row grid), got {bad}")
-    partner = [(i + n // 2) % n for i in range(n)]
+    if pairing not in ("other", "self"):
+        raise ValueError(f"pairing must be 'other' or 'self', got {pairing!r}")
+    partner = [(i + n // 2) % n if pairing == "other" else i for i in range(n)]
     gold = np.stack([r.image_ids for r in records]).astype(np.int64)  # [n, h, w]
     width = bundle.cfg.Data.max_text_len
-    out: dict[str, Any] = {"items": n, "grid": grid, "seed": seed, "keep_rows": {}}
+    out: dict[str, Any] = {"items": n, "grid": grid, "seed": seed, "pairing": pairing, "keep_rows": {}}
     bar = progress_bar(n * len(keep_rows), "completion", "image", progress)
     for k in keep_rows:
         new_res, src_res, kept_ok = [], [], 0
@@ -69,6 +73,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--keep-rows", type=int, nargs="+", default=[0, 1, 2, 3])
     parser.add_argument("--items", type=int, default=64, help="first N records (0 = all)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--pairing", choices=["other", "self"], default="other",
+                        help="other: another item's caption (editing); self: the item's own caption (completion)")
     parser.add_argument("--cfg-scale", type=float, default=None, help="default: the checkpoint's")
     parser.add_argument("--out", default=None, help="also write the result JSON here")
     parser.add_argument("--threads", type=int, default=0)
@@ -87,7 +93,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         shards = TokenShards(args.shards)
         count = len(shards) if args.items <= 0 else min(args.items, len(shards))
         result = evaluate_completion(bundle, [shards[i] for i in range(count)], args.keep_rows, args.seed,
-                                     progress=True)
+                                     progress=True, pairing=args.pairing)
     except (ConfigError, CheckpointError, TokenShardError, FileNotFoundError, ValueError) as exc:
         parser.exit(2, f"completion: error: {' '.join(str(exc).split())}\n")
     result["ckpt"] = str(bundle.ckpt_dir)
