@@ -156,7 +156,7 @@ class _NoBar:
         pass
 
 
-def progress_bar(total: int, desc: str, unit: str = "it", enable: bool = True):  # -> tqdm | _NoBar
+def progress_bar(total: int, desc: str, unit: str = "it", enable: bool = True) -> "tqdm | _NoBar":  # noqa: F821
     """One progress bar for the long loops of the tools (generation, captioning, VQA, evaluation):
     a tqdm bar on stderr, or a no-op when `enable` is False. tqdm is imported only when used."""
     if not enable:

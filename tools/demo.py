@@ -27,6 +27,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.exit(2, f"error: --max-candidates must be >= 1, got {args.max_candidates}\n")
 
     def run() -> int:
+        import os
+
+        # no usage reporting or version checks from a demo that may run offline
+        os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
         try:
             import gradio  # noqa: F401
         except ImportError:

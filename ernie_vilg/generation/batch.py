@@ -243,7 +243,7 @@ def merge_samples(out: str | Path, prompts: Sequence[Prompt]) -> int:
     return len(merged)
 
 
-def generate_batch_to_folder(ckpt: str | Path, prompts: Sequence[Any], out: str | Path, settings: Any,
+def generate_batch_to_folder(ckpt: str | Path, prompts: Sequence[Prompt], out: str | Path, settings: BatchSettings,
                              reranker: Optional[str | Path] = None, overrides: Optional[dict[str, Any]] = None,
                              init_image: Optional[str | Path] = None, keep_rows: int = 0,
                              grid: bool = False) -> dict[str, int]:
