@@ -126,6 +126,7 @@ def test_resume_skips_finished_ids_and_redoes_a_half_written_one(bundle, tmp_pat
     assert (out / "p000.png").stat().st_mtime_ns == stamp  # not rewritten
     np.testing.assert_array_equal(_pixels(out)["p001.png"], first["p001.png"])  # redone identically
     assert [r["id"] for r in _rows(out)] == [p.id for p in prompts]  # one row each, file order
+    assert not (out / ".p002.png.tmp-99999").exists()  # a dead writer's temporary is removed
     # another prompt under an id already used is not "finished"
     changed = [Prompt("p000", "绿色的圆")] + prompts[1:]
     assert generate_prompt_file(bundle, changed, out, BatchSettings(progress=False))["generated"] == 1
@@ -240,3 +241,43 @@ def test_human_eval_protocol_prompts_then_generate_then_sheet(bundle, tmp_path) 
     key = build_sheet(items, "image", tmp_path / "sheet.html", seed=0)
     page = (tmp_path / "sheet.html").read_text(encoding="utf-8")
     assert Path(key).is_file() and all(r["text"] in page for r in rows)
+
+
+@pytest.mark.slow
+def test_a_killed_run_resumes_to_the_same_images(ckpt, bundle, tmp_path) -> None:
+    """SIGKILL mid-run: no partial PNG under a final name, and the rerun finishes the rest with the
+    images an uninterrupted run makes."""
+    import signal
+    import time
+
+    prompts = _prompts(24)
+    pfile = tmp_path / "p.jsonl"
+    pfile.write_text("".join(json.dumps({"id": p.id, "text": p.text}, ensure_ascii=False) + "\n" for p in prompts),
+                     encoding="utf-8")
+    out = tmp_path / "killed"
+    cmd = [sys.executable, str(REPO / "tools/generate.py"), "--ckpt", str(ckpt), "--prompts", str(pfile), "--out",
+           str(out), "--batch-size", "1", "--no-progress", "--threads", "1"]
+    proc = subprocess.Popen(cmd, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 300
+        while len(list(out.glob("*.txt"))) < 3:
+            assert proc.poll() is None and time.time() < deadline, "generate ended before it could be killed"
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    done = len(list(out.glob("*.txt")))
+    assert done < len(prompts)  # really interrupted
+    for png in out.glob("*.png"):  # whatever has a final name is a whole image
+        Image.open(png).load()
+    res = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert f"{done} already done" in res.stdout
+    clean = tmp_path / "clean"
+    generate_prompt_file(bundle, prompts, clean, BatchSettings(batch_size=4, progress=False))
+    assert sorted(_pixels(out)) == sorted(_pixels(clean))
+    for name, px in _pixels(clean).items():
+        np.testing.assert_array_equal(_pixels(out)[name], px, err_msg=name)
+    assert [r["id"] for r in _rows(out)] == [p.id for p in prompts]

@@ -122,6 +122,21 @@ def _write_atomic(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+def _remove_stale_temporaries(out: Path) -> None:
+    """Temporary files of killed writers (`.{name}.tmp-PID` whose PID is gone); another rank's
+    live temporaries stay."""
+    for tmp in out.glob(".*.tmp-*"):
+        pid = tmp.name.rsplit("-", 1)[-1]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            tmp.unlink(missing_ok=True)
+        except PermissionError:  # alive, another user's
+            pass
+
+
 def _png_bytes(image: np.ndarray) -> bytes:
     import io
 
@@ -173,6 +188,7 @@ def generate_prompt_file(bundle: Any, prompts: Sequence[Prompt], out: str | Path
         raise ValueError(f"ranking by {signal!r} needs a reranker checkpoint (--reranker DIR)")
     out = Path(out)
     (out / PARTS_DIR).mkdir(parents=True, exist_ok=True)
+    _remove_stale_temporaries(out)
     mine = rank_share(prompts, rank, world)
     todo = [p for p in mine if not is_done(out, p)]
     params = params or image_sampling_params(bundle.cfg.Generation)
