@@ -38,5 +38,8 @@ setup(
         # own package index first (README, "Clusters"), which satisfies this requirement.
         "gpu": ["paddlepaddle-gpu>=3.3.0,<3.4"],
         "test": ["pytest>=7"],
+        # tools/demo.py (gradio) and its browser test (selenium drives the system's chromium);
+        # versions pinned in constraints.txt: the newest that install beside paddlenlp's pins
+        "demo": ["gradio>=5,<6", "selenium>=4.20"],
     },
 )

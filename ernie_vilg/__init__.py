@@ -12,3 +12,15 @@ keep_freed_memory()
 # ... and its import-time notices (no ccache; setuptools' distutils shim, via paddlenlp) would turn
 # a tool's one-line error into five lines on stderr (runtime.py).
 quiet_library_notices()
+
+
+def __getattr__(name: str):  # PEP 562: `from ernie_vilg import ErnieViLGPipeline` without
+    # importing Paddle at `import ernie_vilg` (the settings above must run before Paddle loads)
+    if name == "ErnieViLGPipeline":
+        from ernie_vilg.pipeline import ErnieViLGPipeline
+
+        return ErnieViLGPipeline
+    raise AttributeError(f"module 'ernie_vilg' has no attribute {name!r}")
+
+
+__all__ = ["ErnieViLGPipeline", "__version__"]

@@ -144,6 +144,11 @@ def quiet_library_notices() -> None:
     worker and launched rank does before Paddle loads (PYTHONWARNINGS cannot hold a regex)."""
     import warnings
 
+    # huggingface `datasets` (imported by paddlenlp) logs "PyTorch version X available." at INFO
+    # wherever torch is installed; its own switch, read at its import
+    os.environ.setdefault("DATASETS_VERBOSITY", "warning")
+    if os.environ["DATASETS_VERBOSITY"] == "warning":  # it logs before it reads the switch
+        logging.getLogger("datasets").setLevel(logging.WARNING)
     for pattern in LIBRARY_NOTICES:
         warnings.filterwarnings("ignore", message=pattern)
 
@@ -159,3 +164,23 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     paddle.seed(seed)
+
+
+class _NoBar:
+    """Stands in for a tqdm bar when progress is off (tests, logs, non-zero ranks)."""
+
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def progress_bar(total: int, desc: str, unit: str = "it", enable: bool = True) -> "tqdm | _NoBar":  # noqa: F821
+    """One progress bar for the long loops of the tools (generation, captioning, VQA, evaluation):
+    a tqdm bar on stderr, or a no-op when `enable` is False. tqdm is imported only when used."""
+    if not enable:
+        return _NoBar()
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit=unit, leave=False, dynamic_ncols=True)

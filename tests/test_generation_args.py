@@ -69,12 +69,12 @@ def test_out_in_a_read_only_folder(tmp_path):
 def test_existing_out_needs_overwrite_then_is_written(tmp_path, vilg_ckpt):
     out = tmp_path / "out"
     out.mkdir()
-    (out / "000_00.png").write_bytes(b"an earlier run")
+    (out / "00000.png").write_bytes(b"an earlier run")
     assert_one_line_error(generate(vilg_ckpt, out), "already holds files; pass --overwrite")
-    assert (out / "000_00.png").read_bytes() == b"an earlier run"
+    assert (out / "00000.png").read_bytes() == b"an earlier run"
     proc = generate(vilg_ckpt, out, "--overwrite")
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert (out / "000_00.png").read_bytes()[:4] == b"\x89PNG" and (out / "grid.png").is_file()
+    assert (out / "00000.png").read_bytes()[:4] == b"\x89PNG" and (out / "grid.png").is_file()
 
 
 def test_ckpt_pointing_at_an_image_tokenizer_says_what_it_is(tmp_path):

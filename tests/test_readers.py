@@ -176,4 +176,4 @@ def test_cli_prints_report_and_fails_cleanly(tmp_path):
     assert out.returncode == 0, out.stderr
     assert json.loads(out.stdout)["missing_images"] == 3
     bad = subprocess.run(cmd[:5] + [str(AIC)] + cmd[6:], capture_output=True, text=True, env=env, timeout=60)
-    assert bad.returncode == 1 and AIC.name in bad.stderr and "expected a COCO caption JSON" in bad.stderr
+    assert bad.returncode == 2 and AIC.name in bad.stderr and "expected a COCO caption JSON" in bad.stderr

@@ -50,18 +50,20 @@ def test_generate_tool_writes_one_png_per_sample_at_the_tokenizers_size(smoke_qu
     out = tmp_path / "gen"
     ok(run_cli("tools/generate.py", "--ckpt", str(smoke_quickstart / "vilg"), "--text", "一个红色的圆形",
                "--text", "左上角有一个蓝色的正方形", "--num-candidates", "2", "--out", str(out)))
-    names = sorted(p.name for p in out.iterdir())
-    assert names == ["000_00.png", "000_01.png", "001_00.png", "001_01.png", "grid.png"]
+    names = sorted(p.name for p in out.glob("*.png"))
+    assert names == ["00000_0.png", "00000_1.png", "00001_0.png", "00001_1.png", "grid.png"]
+    assert (out / "00001.txt").read_text(encoding="utf-8").strip() == "左上角有一个蓝色的正方形"
     size = Image.open(quickstart_images(smoke_quickstart, 1)[0]).size
-    assert Image.open(out / "000_00.png").size == size  # 32 px smoke world, 8 x 8 tokens at f = 4
+    assert Image.open(out / "00000_0.png").size == size  # 32 px smoke world, 8 x 8 tokens at f = 4
 
 
 def test_generate_tool_best_of_n_by_likelihood(smoke_quickstart, tmp_path):
     out = tmp_path / "best"
     ok(run_cli("tools/generate.py", "--ckpt", str(smoke_quickstart / "vilg"), "--text", "一个红色的圆形",
                "--num-candidates", "2", "--keep", "1", "--out", str(out)))
-    ranking = json.loads((out / "ranking.json").read_text(encoding="utf-8"))
-    assert ranking["signal"] == "likelihood" and (out / "000_rank0.png").is_file()
+    rows = [json.loads(line) for line in (out / "samples.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert len(rows) == 1 and rows[0]["rank"] == 0 and (out / "00000.png").is_file()
+    assert "likelihood" in json.dumps(rows[0]["scores"])
 
 
 def test_vqa_tool_answers_a_question_about_a_quickstart_image(smoke_quickstart):

@@ -19,6 +19,8 @@ def main() -> int:
     parser.add_argument("--strategy", choices=("greedy", "beam", "sampling"), default=None)
     parser.add_argument("--cfg-scale", type=float, default=None,
                         help="caption guidance scale (default: the checkpoint's Generation.caption_cfg_scale; 1 = off)")
+    parser.add_argument("--batch-size", type=int, default=16, help="images per decoding batch")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar (it appears for > 1 image)")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads (0 = all cores)")
     args = parser.parse_args()
 
@@ -30,7 +32,8 @@ def main() -> int:
         bundle = load_bundle(args.ckpt, need_image_tokenizer=True)
         if args.cfg_scale is not None:
             bundle.cfg.Generation.caption_cfg_scale = args.cfg_scale
-        for path, caption in zip(args.image, caption_images(bundle, args.image, args.strategy)):
+        for path, caption in zip(args.image, caption_images(bundle, args.image, args.strategy, args.batch_size,
+                                                           progress=len(args.image) > 1 and not args.no_progress)):
             print(json.dumps({"image": path, "caption": caption}, ensure_ascii=False), flush=True)
         return 0
 
@@ -38,7 +41,7 @@ def main() -> int:
     from ernie_vilg.data.images import ImageError
     from ernie_vilg.training.checkpoint import CheckpointError
 
-    return run_or_exit(run, (ConfigError, CheckpointError, ImageError, FileNotFoundError))
+    return run_or_exit(run, (ConfigError, CheckpointError, ImageError, FileNotFoundError, ValueError))
 
 
 if __name__ == "__main__":

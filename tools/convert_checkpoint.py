@@ -2,7 +2,14 @@
 
     to-safetensors   --ckpt DIR --out FILE.safetensors|DIR   weights of a checkpoint -> safetensors
     from-safetensors --in FILE|DIR [--config C] --out DIR     safetensors -> a checkpoint folder
+    to-pretrained    --ckpt DIR --out DIR [--safetensors] [--dtype D]
+                                                               vilg checkpoint -> pretrained folder (PaddleNLP
+                                                               layout; ErnieViLGPipeline.from_pretrained, --ckpt)
     inspect          --in FILE                                 tensors of a .safetensors / .pt / .pdparams
+    taming           --in model.ckpt --out DIR [--lpips-out DIR] [--image-size N]
+                                                               taming-transformers VQGAN -> tokenizer checkpoint
+    dalle            --encoder encoder.pkl --decoder decoder.pkl --out DIR [--image-size N]
+                                                               OpenAI DALL-E dVAE -> tokenizer checkpoint
 
 Each subcommand is one function of `ernie_vilg.convert`; add a converter by adding one entry to
 SUBCOMMANDS. Pickled inputs are read only through the restricted unpicklers. A bad input prints
@@ -29,6 +36,21 @@ def _from_safetensors(args: argparse.Namespace) -> int:
 
     print(checkpoint_from_safetensors(args.input, args.out, args.config))
     return 0
+
+
+def _to_pretrained(args: argparse.Namespace) -> int:
+    from ernie_vilg.generation.pipelines import save_pretrained
+
+    print(save_pretrained(args.ckpt, args.out, args.safetensors, args.dtype))
+    return 0
+
+
+def _args_pretrained(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ckpt", required=True, help="vilg checkpoint folder (or its run folder: the newest checkpoint)")
+    p.add_argument("--out", required=True, help="pretrained folder to write (replaced if it exists)")
+    p.add_argument("--safetensors", action="store_true", help="weights as model.safetensors (default model_state.pdparams)")
+    p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default=None,
+                   help="cast floating-point weights (loaders cast them back to the device's dtype)")
 
 
 def _inspect(args: argparse.Namespace) -> int:
@@ -86,6 +108,8 @@ def _args_dalle(p: argparse.ArgumentParser) -> None:
 SUBCOMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]] = {
     "to-safetensors": ("export a checkpoint's weights as safetensors", _args_to, _to_safetensors),
     "from-safetensors": ("build a checkpoint folder from safetensors weights", _args_from, _from_safetensors),
+    "to-pretrained": ("vilg checkpoint -> pretrained folder (config.json, weights, tokenizers)", _args_pretrained,
+                      _to_pretrained),
     "inspect": ("list the tensors of a weight file", _args_inspect, _inspect),
     "taming": ("taming-transformers VQGAN model.ckpt -> tokenizer checkpoint", _args_taming, _taming),
     "dalle": ("OpenAI DALL-E dVAE encoder.pkl + decoder.pkl -> tokenizer checkpoint", _args_dalle, _dalle),

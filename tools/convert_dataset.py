@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
                                  ref_out=args.ref_out, check_images=not args.no_check_images,
                                  per_caption=args.per_caption)
     except DatasetFormatError as exc:
-        parser.exit(1, f"convert_dataset: error: {exc}\n")
+        parser.exit(2, f"convert_dataset: error: {exc}\n")
     print(json.dumps(report.as_dict(), ensure_ascii=False))
     return 0
 

@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         scores = evaluate_caption_files(args.pred, args.ref, args.tokenization)
     except CaptionDataError as exc:
-        parser.exit(1, f"eval_caption: error: {exc}\n")
+        parser.exit(2, f"eval_caption: error: {exc}\n")
     print(json.dumps(scores, ensure_ascii=False))
     return 0
 

@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
             print(format_table(result), file=sys.stderr)
             print(json.dumps(result, ensure_ascii=False))
     except RatingError as exc:
-        parser.exit(1, f"human_eval: error: {exc}\n")
+        parser.exit(2, f"human_eval: error: {exc}\n")
     return 0
 
 

@@ -12,6 +12,8 @@ from typing import Callable, Optional
 # Paddle prints a "No ccache found" notice when it is imported; it would turn a one-line error
 # into two lines on stderr.
 warnings.filterwarnings("ignore", message=".*ccache.*")
+# ... and paddlenlp's import makes setuptools announce that it replaces distutils
+warnings.filterwarnings("ignore", message=".*Setuptools is replacing distutils.*")
 
 from ernie_vilg.config import Config, ConfigError, load_config
 
@@ -72,12 +74,14 @@ def check_generate_args(args: argparse.Namespace) -> None:
         exit_with(f"--num-candidates must be >= 1, got {args.num_candidates}")
     if not 0 <= args.keep <= args.num_candidates:
         exit_with(f"--keep must be between 0 (keep all) and --num-candidates ({args.num_candidates}), got {args.keep}")
-    for i, text in enumerate(args.text, start=1):
+    for i, text in enumerate(args.text or [], start=1):
         if not has_visible_text(text):
             exit_with(f"--text number {i} is empty: give the prompt to draw")
     if args.cfg_scale is not None and not math.isfinite(args.cfg_scale):
         exit_with(f"--cfg-scale must be a finite number, got {args.cfg_scale}")
-    problem = output_folder_problem(args.out, getattr(args, "overwrite", False))
+    # a folder an earlier generate run wrote (its per-rank rows in .parts/) is resumed, not overwritten
+    resumable = (Path(args.out) / ".parts").is_dir()
+    problem = output_folder_problem(args.out, getattr(args, "overwrite", False) or resumable)
     if problem:
         exit_with(problem)
 

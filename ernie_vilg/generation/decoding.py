@@ -26,7 +26,7 @@ temperature / top-k / top-p. s == 1 takes the plain path (no doubled batch).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Optional, Protocol
+from typing import Callable, Optional, Protocol, Sequence
 
 import numpy as np
 import paddle
@@ -190,17 +190,48 @@ class SamplingParams:
         return sample(filtered, rng)
 
 
+def row_rngs(seeds: Sequence[int], num_candidates: int) -> list[np.random.Generator]:
+    """One generator per row for per-text seeds: candidate k of text i draws from
+    default_rng([seeds[i], k]), so a text's samples do not depend on the rest of its batch."""
+    return [np.random.default_rng([int(s), k]) for s in seeds for k in range(num_candidates)]
+
+
+def _choose(params: SamplingParams, logits: np.ndarray, rng: np.random.Generator | list[np.random.Generator]
+            ) -> np.ndarray:
+    if isinstance(rng, list):  # per-row generators: row b consumes only its own random numbers
+        return np.concatenate([params.choose(logits[b:b + 1], r) for b, r in enumerate(rng)])
+    return params.choose(logits, rng)
+
+
 def generate_image_tokens(model: ErnieViLG, text_ids: np.ndarray, params: SamplingParams,
-                          num_candidates: int = 1, seed: int = 0, use_cache: bool = True, cfg_scale: float = 1.0,
-                          specials: Optional["TextSpecials"] = None) -> np.ndarray:
+                          num_candidates: int = 1, seed: int | Sequence[int] = 0, use_cache: bool = True,
+                          cfg_scale: float = 1.0, specials: Optional["TextSpecials"] = None,
+                          prefix_ids: Optional[np.ndarray] = None) -> np.ndarray:
     """Image token grids for texts [B, L]: int64 [B * num_candidates, h, w], the candidates of
     text i in rows i * num_candidates ... (i + 1) * num_candidates - 1.
 
+    `seed`: one int for the whole batch (one generator), or one seed per text (`row_rngs`: a
+    text's images are then the same in any batch, e.g. split over ranks).
     `cfg_scale` != 1: classifier-free guidance against the null text (built from `specials`,
-    required then), padded to the prompts' width."""
+    required then), padded to the prompts' width.
+    `prefix_ids` [B, m] (or [m] for all texts): image completion, the first m tokens in raster
+    order are given (fed to the model as if sampled, never changed) and the rest is generated."""
+    B = len(text_ids)
     text_ids = np.repeat(np.asarray(text_ids, dtype=np.int64), num_candidates, axis=0)  # [B*N, L]
-    rng = np.random.default_rng(seed)
+    if isinstance(seed, (int, np.integer)):
+        rng: np.random.Generator | list[np.random.Generator] = np.random.default_rng(int(seed))
+    else:
+        if len(seed) != B:
+            raise ValueError(f"{len(seed)} seeds for {B} texts")
+        rng = row_rngs(seed, num_candidates)
     grid, n = model.cfg.image_grid, model.cfg.image_grid ** 2
+    prefix = np.zeros((len(text_ids), 0), dtype=np.int64)
+    if prefix_ids is not None:
+        prefix = np.asarray(prefix_ids, dtype=np.int64)
+        prefix = np.broadcast_to(prefix, (B, prefix.shape[-1])) if prefix.ndim == 1 else prefix
+        if len(prefix) != B or prefix.shape[1] > n:
+            raise ValueError(f"prefix_ids {list(prefix.shape)}: need [{B}, m <= {n}] image tokens")
+        prefix = np.repeat(prefix, num_candidates, axis=0)  # [B*N, m]
     stepper = make_stepper(model, Direction.TXT2IMG, use_cache)
     if cfg_scale != 1.0:
         if specials is None:
@@ -210,7 +241,9 @@ def generate_image_tokens(model: ErnieViLG, text_ids: np.ndarray, params: Sampli
     logits = stepper.start(text_ids)
     out = np.zeros((len(text_ids), n), dtype=np.int64)
     for k in range(n):
-        out[:, k] = params.choose(logits, rng)
+        # a kept prefix token is fed exactly as a sampled one would be (same cache / stream
+        # position), so completion needs no model change
+        out[:, k] = prefix[:, k] if k < prefix.shape[1] else _choose(params, logits, rng)
         if k + 1 < n:  # the last token needs no forward pass
             logits = stepper.step(out[:, k])
     return out.reshape(len(text_ids), grid, grid)  # [B*N, n] -> [B*N, h, w]

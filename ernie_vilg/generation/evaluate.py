@@ -335,3 +335,40 @@ def evaluate_both_directions(ckpt: str | Path, shards_dir: str | Path, out_dir: 
     page = write_sample_page(samples, rows, metrics)
     log.info("samples page: %s", page)
     return metrics
+
+
+MEDIA_ITEMS = 8  # validation items shown in VisualDL (the first ones of the val shards: fixed prompts)
+
+
+def validation_media(model: ErnieViLG, text_tokenizer: Any, image_tokenizer: Optional[Any], shards: Any,
+                     cfg: Config, seed: int = 0, items: int = MEDIA_ITEMS) -> Any:
+    """training.media.ValidationMedia of the vilg stage: for the first `items` val records (the
+    same prompts at every validation), a grid of their true image tokens decoded (top row) over
+    the images generated from their texts (bottom row), the prompts, and greedy captions of the
+    true tokens beside their references. Without an image tokenizer: the texts only."""
+    from ernie_vilg.generation.pipelines import decode_image_ids
+    from ernie_vilg.training.media import ValidationMedia, media_grid
+
+    records = [shards[i] for i in range(min(items, len(shards)))]
+    media = ValidationMedia()
+    if not records:
+        return media
+    gen = cfg.Generation
+    specials = TextSpecials(text_tokenizer.cls_id, text_tokenizer.sep_id, text_tokenizer.pad_id)
+    gold = np.stack([r.image_ids for r in records]).astype(np.int64)
+    seqs = generate_text_tokens(model, gold, specials, SamplingParams(greedy=True), gen.max_text_len)
+    captions = [text_tokenizer.decode(s) for s in seqs]
+    rows = ["| # | generated caption | references |", "|---|---|---|"]
+    for i, (rec, cap) in enumerate(zip(records, captions)):
+        refs = " / ".join(list(rec.texts) or [rec.text])
+        rows.append(f"| {i} | {cap or '(empty)'} | {refs} |".replace("\n", " "))
+    media.texts["captions"] = "\n".join(rows)
+    media.texts["prompt_list"] = "\n".join(f"{i}. {r.text}" for i, r in enumerate(records))
+    if image_tokenizer is not None:
+        text_ids = text_tokenizer.encode_batch([r.text for r in records], cfg.Data.max_text_len)
+        params = SamplingParams(greedy=False, temperature=gen.temperature, top_k=gen.top_k, top_p=gen.top_p)
+        ids = generate_image_tokens(model, text_ids, params, seed=[seed + i for i in range(len(records))],
+                                    cfg_scale=gen.cfg_scale, specials=specials)
+        media.images["prompts"] = media_grid([decode_image_ids(image_tokenizer, gold),
+                                              decode_image_ids(image_tokenizer, ids)])
+    return media

@@ -77,20 +77,32 @@ def _tokenizer_image_size(tok_dir: Path, cfg: Config) -> int:
 
 
 def load_bundle(ckpt: str | Path, need_image_tokenizer: bool = False) -> VilgBundle:
-    """Model, text tokenizer and image tokenizer from a checkpoint folder (or its parent run)."""
+    """Model, text tokenizer and image tokenizer from a checkpoint folder (or its parent run), or
+    from a pretrained folder (generation/pretrained.py). Weights saved in float16 / bfloat16 are
+    cast to the model's dtype."""
+    from ernie_vilg.generation.pretrained import (
+        IMAGE_TOKENIZER_DIR, is_pretrained_dir, load_pretrained_config, load_pretrained_weights,
+    )
     from ernie_vilg.text.tokenizer import TextTokenizer
     from ernie_vilg.training.checkpoint import load_checkpoint_config, load_model_state, set_model_state
 
-    ckpt_dir, cfg = load_checkpoint_config(ckpt)
-    if cfg.Global.stage in NOT_VILG_STAGES:
-        from ernie_vilg.training.checkpoint import CheckpointError
+    if is_pretrained_dir(ckpt):
+        ckpt_dir, cfg = Path(ckpt), load_pretrained_config(ckpt)
+        tok_dir: Optional[Path] = ckpt_dir / IMAGE_TOKENIZER_DIR
+        tok_dir = tok_dir if (tok_dir / "model.pdparams").is_file() else None
+        load_state = load_pretrained_weights
+    else:
+        ckpt_dir, cfg = load_checkpoint_config(ckpt)
+        if cfg.Global.stage in NOT_VILG_STAGES:
+            from ernie_vilg.training.checkpoint import CheckpointError
 
-        raise CheckpointError(f"{ckpt_dir}: {NOT_VILG_STAGES[cfg.Global.stage]} checkpoint (Global.stage "
-                              f"{cfg.Global.stage}), not an ERNIE-ViLG one: pass the vilg run folder "
-                              "(e.g. runs/quickstart/vilg)")
+            raise CheckpointError(f"{ckpt_dir}: {NOT_VILG_STAGES[cfg.Global.stage]} checkpoint (Global.stage "
+                                  f"{cfg.Global.stage}), not an ERNIE-ViLG one: pass the vilg run folder "
+                                  "(e.g. runs/quickstart/vilg)")
+        tok_dir = _tokenizer_dir(ckpt_dir, cfg)
+        load_state = load_model_state
     vocab = ckpt_dir / "vocab.txt"
     text_tokenizer = TextTokenizer(vocab if vocab.is_file() else cfg.Data.vocab_file)
-    tok_dir = _tokenizer_dir(ckpt_dir, cfg)
     image_tokenizer = None
     if tok_dir is not None:
         from ernie_vilg.vq.base import load_tokenizer
@@ -106,26 +118,47 @@ def load_bundle(ckpt: str | Path, need_image_tokenizer: bool = False) -> VilgBun
     if image_tokenizer is not None and cfg.Model.image_grid == 0:
         # the size the tokenizer was trained at: a vilg run's own Data.image_size is unused (see image_size)
         cfg.Model.image_grid = image_tokenizer.grid_size(_tokenizer_image_size(tok_dir, cfg))
+    if image_tokenizer is not None:
+        _match_image_size(cfg, image_tokenizer, tok_dir)
     model = ErnieViLG(cfg.Model)
-    set_model_state(model, load_model_state(ckpt_dir), ckpt_dir)
+    set_model_state(model, load_state(ckpt_dir), ckpt_dir)
     model.eval()
     return VilgBundle(cfg, model, text_tokenizer, image_tokenizer, ckpt_dir)
+
+
+def _match_image_size(cfg: Config, image_tokenizer: Any, tok_dir: Path) -> None:
+    """Images given to the tools are resized to Data.image_size before the VQ encoder; that size
+    must give the model's token grid. A vilg config may carry its base's image size while its
+    token shards were made at the tokenizer's (the quickstart: 64 px in the config, 48 px shards),
+    so when the two disagree Data.image_size becomes the size the grid stands for
+    (`VilgBundle.image_size`: image_grid x the tokenizer's downsample factor)."""
+    grid = cfg.Model.image_grid
+    if image_tokenizer.grid_size(cfg.Data.image_size) != grid:
+        cfg.Data.image_size = grid * int(image_tokenizer.downsample_factor)
 
 
 def image_sampling_params(gen: GenerationConfig) -> SamplingParams:
     return SamplingParams(greedy=False, temperature=gen.temperature, top_k=gen.top_k, top_p=gen.top_p)
 
 
-def text_to_image_ids(bundle: VilgBundle, texts: Sequence[str], num_candidates: int = 1, seed: int = 0,
-                      params: Optional[SamplingParams] = None, cfg_scale: Optional[float] = None) -> np.ndarray:
+def text_to_image_ids(bundle: VilgBundle, texts: Sequence[str], num_candidates: int = 1,
+                      seed: int | Sequence[int] = 0, params: Optional[SamplingParams] = None,
+                      cfg_scale: Optional[float] = None, text_width: int = 0,
+                      prefix_ids: Optional[np.ndarray] = None) -> np.ndarray:
     """Image token grids [len(texts) * num_candidates, h, w] (candidates of a text are adjacent).
-    `cfg_scale`: classifier-free guidance scale (default Generation.cfg_scale)."""
+    `seed`: one for the batch, or one per text (decoding.row_rngs). `cfg_scale`: classifier-free
+    guidance scale (default Generation.cfg_scale). `text_width` > 0 pads every text to that many
+    ids (default: to the longest of the batch; a fixed width makes a text's image independent of
+    its batch-mates). `prefix_ids`: image completion (decoding.generate_image_tokens)."""
     cfg = bundle.cfg
-    text_ids = bundle.text_tokenizer.encode_batch(list(texts), cfg.Data.max_text_len, pad_to_longest=True)
+    if text_width:
+        text_ids = bundle.text_tokenizer.encode_batch(list(texts), text_width)
+    else:
+        text_ids = bundle.text_tokenizer.encode_batch(list(texts), cfg.Data.max_text_len, pad_to_longest=True)
     scale = cfg.Generation.cfg_scale if cfg_scale is None else cfg_scale
     return generate_image_tokens(bundle.model, text_ids, params or image_sampling_params(cfg.Generation),
                                  num_candidates=num_candidates, seed=seed, cfg_scale=scale,
-                                 specials=bundle.specials)
+                                 specials=bundle.specials, prefix_ids=prefix_ids)
 
 
 def decode_image_ids(image_tokenizer: Any, ids: np.ndarray) -> np.ndarray:
@@ -166,18 +199,23 @@ def captions_from_ids(bundle: VilgBundle, image_ids: np.ndarray, strategy: Optio
 
 
 def caption_images(bundle: VilgBundle, image_paths: Sequence[str | Path], strategy: Optional[str] = None,
-                   batch_size: int = 16) -> list[str]:
-    """One caption per image file (center crop + resize to `bundle.image_size`, then the VQ encoder)."""
+                   batch_size: int = 16, progress: bool = False) -> list[str]:
+    """One caption per image file (center crop + resize to `bundle.image_size`, then the VQ encoder).
+    `progress`: a bar in images."""
     from ernie_vilg.data.images import load_image
+    from ernie_vilg.runtime import progress_bar
 
     if bundle.image_tokenizer is None:
         raise FileNotFoundError(f"{bundle.ckpt_dir}: no image tokenizer to encode images")
     captions: list[str] = []
+    bar = progress_bar(len(image_paths), "captions", "image", progress)
     for start in range(0, len(image_paths), batch_size):
         chunk = image_paths[start:start + batch_size]
         pixels = np.stack([load_image(p, bundle.image_size) for p in chunk])  # [b, 3, H, W]
         ids = bundle.image_tokenizer.encode_to_ids(paddle.to_tensor(pixels)).numpy()
         captions += captions_from_ids(bundle, ids, strategy)
+        bar.update(len(chunk))
+    bar.close()
     return captions
 
 
@@ -201,50 +239,43 @@ def save_grid(images: np.ndarray, path: str | Path, columns: int = 0, min_cell: 
     Image.fromarray(grid).save(path)
 
 
-def generate_to_folder(ckpt: str | Path, texts: Sequence[str], out: str | Path, num_candidates: int = 1,
-                       seed: int = 0, keep: int = 0, reranker: Optional[str | Path] = None,
-                       rank_by: str = "", cfg_scale: Optional[float] = None) -> list[Path]:
-    """tools/generate.py: a PNG per sample (`{text index}_{candidate}.png`) and grid.png.
+def apply_sampling_overrides(cfg: Config, overrides: dict[str, Any]) -> None:
+    """Replace Generation.temperature / top_k / top_p / cfg_scale where a value is given (not
+    None), after checking it (ValueError naming the flag)."""
+    checks = {"temperature": (lambda v: v > 0, "> 0"), "top_k": (lambda v: v >= 0, ">= 0"),
+              "top_p": (lambda v: 0 < v <= 1, "in (0, 1]"), "cfg_scale": (lambda v: v > 0, "> 0")}
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        ok, rule = checks[key]
+        if not ok(value):
+            raise ValueError(f"--{key.replace('_', '-')} must be {rule}, got {value}")
+        setattr(cfg.Generation, key, type(getattr(cfg.Generation, key))(value))
 
-    With `keep` (1 <= keep <= num_candidates) the candidates of each text are ranked (best-of-N,
-    generation/best_of_n.py, by `rank_by`: reranker | likelihood | both; default reranker when a
-    reranker checkpoint is given, else likelihood), only the best `keep` are written
-    (`{text index}_rank{r}.png`), grid.png shows every candidate best first with the kept ones
-    framed, and ranking.json holds the order and scores. `cfg_scale` (tools/generate.py
-    --cfg-scale) replaces the checkpoint's Generation.cfg_scale."""
-    from PIL import Image
+
+def image_prefix_ids(bundle: VilgBundle, image_path: str | Path, keep_rows: int) -> np.ndarray:
+    """The first `keep_rows` token rows of an image file's tokens, in raster order: int64 [keep_rows * w]."""
+    from ernie_vilg.data.images import load_image
+
+    if bundle.image_tokenizer is None:
+        raise FileNotFoundError(f"{bundle.ckpt_dir}: no image tokenizer to encode --init-image")
+    grid = bundle.cfg.Model.image_grid
+    if not 1 <= keep_rows <= grid:
+        raise ValueError(f"--keep-rows must be in [1, {grid}] (the image has {grid} token rows), got {keep_rows}")
+    pixels = load_image(image_path, bundle.cfg.Data.image_size)[None]  # [1, 3, H, W]
+    ids = bundle.image_tokenizer.encode_to_ids(paddle.to_tensor(pixels)).numpy()[0]  # [h, w]
+    return ids[:keep_rows].reshape(-1).astype(np.int64)
+
+
+def save_pretrained(ckpt: str | Path, out: str | Path, safetensors: bool = False, dtype: Optional[str] = None
+                    ) -> Path:
+    """tools/convert_checkpoint.py to-pretrained: the pretrained folder (generation/pretrained.py)
+    of a vilg checkpoint folder, its run folder, or another pretrained folder."""
+    from ernie_vilg.generation.pretrained import IMAGE_TOKENIZER_DIR, is_pretrained_dir, write_pretrained
 
     bundle = load_bundle(ckpt, need_image_tokenizer=True)
-    if cfg_scale is not None:
-        bundle.cfg.Generation.cfg_scale = float(cfg_scale)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = []
-    if not keep:
-        images = text_to_image(bundle, texts, num_candidates, seed)
-        for i, img in enumerate(images):
-            path = out / f"{i // num_candidates:03d}_{i % num_candidates:02d}.png"
-            Image.fromarray(img).save(path)
-            paths.append(path)
-        save_grid(images, out / "grid.png", columns=num_candidates if len(texts) > 1 else 0)
-        return paths
-
-    from ernie_vilg.generation.best_of_n import best_of_n, ranked_grid
-
-    rr = None
-    if reranker:
-        from ernie_vilg.models.reranker import load_reranker
-
-        rr = load_reranker(reranker)
-    signal = rank_by or ("reranker" if rr is not None else "likelihood")
-    images, rankings = best_of_n(bundle, texts, num_candidates, keep, signal, rr, seed)
-    for t, ranking in enumerate(rankings):
-        for r, cand in enumerate(ranking.kept):
-            path = out / f"{t:03d}_rank{r}.png"
-            Image.fromarray(images[t * num_candidates + int(cand)]).save(path)
-            paths.append(path)
-    Image.fromarray(ranked_grid(images, rankings)).save(out / "grid.png")
-    (out / "ranking.json").write_text(json.dumps({"signal": signal, "num_candidates": num_candidates,
-                                                  "keep": keep, "texts": [r.to_dict() for r in rankings]},
-                                                 ensure_ascii=False, indent=1), encoding="utf-8")
-    return paths
+    if is_pretrained_dir(bundle.ckpt_dir):
+        tok_dir: Optional[Path] = bundle.ckpt_dir / IMAGE_TOKENIZER_DIR
+    else:
+        tok_dir = _tokenizer_dir(bundle.ckpt_dir, bundle.cfg)
+    return write_pretrained(bundle, tok_dir, out, safetensors, dtype)

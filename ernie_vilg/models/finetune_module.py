@@ -26,6 +26,7 @@ import argparse
 import copy
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -52,9 +53,11 @@ STRATEGIES = ("greedy", "beam")  # sampling is not an evaluation decoder: its sc
 # Captioning and scoring
 # --------------------------------------------------------------------------------------------
 def decode_captions(model: ErnieViLG, tok: Any, image_ids: np.ndarray, gen: GenerationConfig,
-                    batch_size: int = 32) -> list[str]:
+                    batch_size: int = 32, progress: bool = False) -> list[str]:
     """Captions of image token grids [N, h, w], decoded as `gen` says (greedy or beam search,
-    guided by Generation.caption_cfg_scale)."""
+    guided by Generation.caption_cfg_scale). `progress`: a bar in images."""
+    from ernie_vilg.runtime import progress_bar
+
     if gen.decode_strategy not in STRATEGIES:
         raise ConfigError(f"Generation.decode_strategy={gen.decode_strategy!r}: caption evaluation decodes with "
                           f"one of {', '.join(STRATEGIES)}")
@@ -63,6 +66,7 @@ def decode_captions(model: ErnieViLG, tok: Any, image_ids: np.ndarray, gen: Gene
     specials = TextSpecials(tok.cls_id, tok.sep_id, tok.pad_id)
     images = np.asarray(image_ids, dtype=np.int64)
     captions: list[str] = []
+    bar = progress_bar(len(images), "captions", "image", progress)
     for start in range(0, len(images), batch_size):
         chunk = images[start:start + batch_size]
         if gen.decode_strategy == "beam":
@@ -72,19 +76,23 @@ def decode_captions(model: ErnieViLG, tok: Any, image_ids: np.ndarray, gen: Gene
             seqs = generate_text_tokens(model, chunk, specials, SamplingParams(greedy=True), gen.max_text_len,
                                         cfg_scale=gen.caption_cfg_scale)
         captions.extend(tok.decode(seq) for seq in seqs)
+        bar.update(len(chunk))
+    bar.close()
     return captions
 
 
 def caption_scores(model: ErnieViLG, tok: Any, records: Sequence[Any], gen: GenerationConfig,
-                   with_meteor: bool = False, batch_size: int = 32) -> tuple[dict[str, float], list[dict[str, Any]]]:
+                   with_meteor: bool = False, batch_size: int = 32, progress: bool = False
+                   ) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """Caption `records` (token shard rows) and score them against their reference texts at
-    character level (the paper's Chinese setting). Returns (`caption_*` metrics, one row per item)."""
+    character level (the paper's Chinese setting). Returns (`caption_*` metrics, one row per item).
+    `progress`: a bar over the captioning."""
     if not records:
         raise ValueError("no items to caption")
     was_training = model.training
     model.eval()
     with paddle.no_grad():
-        preds = decode_captions(model, tok, np.stack([r.image_ids for r in records]), gen, batch_size)
+        preds = decode_captions(model, tok, np.stack([r.image_ids for r in records]), gen, batch_size, progress)
     if was_training:
         model.train()
     refs = {str(i): list(r.texts) or [r.text] for i, r in enumerate(records)}
@@ -95,7 +103,8 @@ def caption_scores(model: ErnieViLG, tok: Any, records: Sequence[Any], gen: Gene
 
 
 def score_checkpoint(ckpt: str | Path, shards_dir: str | Path, gen: Optional[GenerationConfig] = None,
-                     max_items: int = 0, with_meteor: bool = False) -> tuple[dict[str, float], list[dict[str, Any]]]:
+                     max_items: int = 0, with_meteor: bool = False, progress: bool = True
+                     ) -> tuple[dict[str, float], list[dict[str, Any]]]:
     """Caption metrics of a vilg checkpoint on the first `max_items` (0 = all) rows of a shard
     folder; decoding settings `gen` (default: the checkpoint's Generation section)."""
     from ernie_vilg.data.token_shards import TokenShards
@@ -105,7 +114,7 @@ def score_checkpoint(ckpt: str | Path, shards_dir: str | Path, gen: Optional[Gen
     shards = TokenShards(shards_dir)
     count = len(shards) if max_items <= 0 else min(max_items, len(shards))
     metrics, rows = caption_scores(bundle.model, bundle.text_tokenizer, [shards[i] for i in range(count)],
-                                   gen or bundle.cfg.Generation, with_meteor)
+                                   gen or bundle.cfg.Generation, with_meteor, progress=progress)
     metrics["count"] = float(count)
     return metrics, rows
 
@@ -202,8 +211,10 @@ class CaptionFinetuneModule(VilgTrainModule):
             seen += n
             if seen >= min(self.cfg.Train.eval_samples, count) or batches.epoch > 0:
                 break
+        # a bar on rank 0 only, as the Trainer's own (decoding every val item takes minutes)
+        bar = self.cfg.Train.progress_bar and os.environ.get("PADDLE_TRAINER_ID", "0") == "0"
         metrics, _ = caption_scores(model, self.text_tokenizer, [self.val_shards[i] for i in range(count)],
-                                    self.cfg.Generation, f.with_meteor, self.cfg.Data.batch_size)
+                                    self.cfg.Generation, f.with_meteor, self.cfg.Data.batch_size, bar)
         return {"val_loss_img2txt": total / seen, **metrics}
 
 

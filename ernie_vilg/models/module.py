@@ -290,6 +290,17 @@ class VilgTrainModule:
                                       max_items=min(count, 16), cfg=self.cfg, seed=self.cfg.Global.seed))
         return metrics
 
+    def validation_media(self, model: ErnieViLG, step: int) -> Any:
+        """Fixed val prompts: true vs generated images, captions beside references (VisualDL)."""
+        # the subclasses whose model or shards are not plain text <-> image (e2e's reconstructor,
+        # VQA's question/answer texts) show no media
+        if self.val_shards is None or self.name not in ("vilg", "caption_finetune"):
+            return None
+        from ernie_vilg.generation.evaluate import validation_media
+
+        return validation_media(model, self.text_tokenizer, self.image_tokenizer(), self.val_shards, self.cfg,
+                                seed=self.cfg.Global.seed)
+
     def save_extras(self, model: ErnieViLG, ckpt_dir: Path) -> None:
         ckpt_dir = Path(ckpt_dir)
         shutil.copyfile(self.cfg.Data.vocab_file, ckpt_dir / VOCAB_FILE)

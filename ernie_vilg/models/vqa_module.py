@@ -130,9 +130,13 @@ class VqaBatches(ShardBatches):
 # --------------------------------------------------------------------------------------------
 def answer_questions(model: ErnieViLG, tok: Any, image_ids: np.ndarray, questions: Sequence[str],
                      max_question_len: int, max_answer_len: int, strategy: str = "greedy", beam_size: int = 3,
-                     length_penalty: float = 1.0, batch_size: int = 32, use_cache: bool = True) -> list[str]:
+                     length_penalty: float = 1.0, batch_size: int = 32, use_cache: bool = True,
+                     progress: bool = False) -> list[str]:
     """Answers for image token grids [N, h, w] and N questions. Questions are grouped by their id
-    length (the cache is prefilled with image + question, one length per call)."""
+    length (the cache is prefilled with image + question, one length per call). `progress`: a bar
+    in questions."""
+    from ernie_vilg.runtime import progress_bar
+
     if strategy not in ("greedy", "beam"):
         raise ValueError(f"VQA decoding: unknown strategy {strategy!r} (known: greedy, beam)")
     specials = TextSpecials(tok.cls_id, tok.sep_id, tok.pad_id)
@@ -142,6 +146,7 @@ def answer_questions(model: ErnieViLG, tok: Any, image_ids: np.ndarray, question
         groups[len(ids)].append(i)
     answers: list[str] = [""] * len(questions)
     images = np.asarray(image_ids, dtype=np.int64)
+    bar = progress_bar(len(questions), "VQA", "question", progress)
     for P, members in sorted(groups.items()):
         for start in range(0, len(members), batch_size):
             rows = members[start:start + batch_size]
@@ -154,6 +159,8 @@ def answer_questions(model: ErnieViLG, tok: Any, image_ids: np.ndarray, question
                                               max_answer_len, use_cache=use_cache)
             for i, seq in zip(rows, seqs):
                 answers[i] = tok.decode(seq)
+            bar.update(len(rows))
+    bar.close()
     return answers
 
 
@@ -348,9 +355,10 @@ def _strategy(bundle: Any, strategy: Optional[str]) -> str:
 def _answer_ids(bundle: Any, image_ids: np.ndarray, questions: Sequence[str], strategy: Optional[str],
                 batch_size: int) -> list[str]:
     cfg = bundle.cfg
+    # a bar when a manifest / shard folder is answered (tools/vqa.py batch modes), not for one question
     return answer_questions(bundle.model, bundle.text_tokenizer, image_ids, questions, cfg.VQA.max_question_len,
                             cfg.VQA.max_answer_len, _strategy(bundle, strategy), cfg.Generation.beam_size,
-                            cfg.Generation.length_penalty, batch_size)
+                            cfg.Generation.length_penalty, batch_size, progress=len(questions) > 1)
 
 
 def encode_image_files(bundle: Any, paths: Sequence[str | Path], batch_size: int = 32) -> np.ndarray:

@@ -60,6 +60,20 @@ class TextTokenizer:
         self.vocab_size = len(vocab)
         self.special_ids = {self.pad_id, self.cls_id, self.sep_id, self.mask_id}
 
+    def save_pretrained(self, folder: str | Path) -> None:
+        """vocab.txt + tokenizer_config.json + special_tokens_map.json (paddlenlp's layout):
+        paddlenlp.transformers.AutoTokenizer.from_pretrained(folder) rebuilds the same tokenizer."""
+        from paddlenlp.utils.log import logger
+
+        # paddlenlp logs one INFO line per file written; tools promise quiet output
+        was_enabled = logger.is_enable  # a property
+        logger.disable()
+        try:
+            self._tok.save_pretrained(str(folder))
+        finally:
+            if was_enabled:
+                logger.enable()
+
     def tokenize(self, text: str) -> list[str]:
         return self._tok.tokenize(text)
 

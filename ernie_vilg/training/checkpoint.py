@@ -499,7 +499,21 @@ def set_model_state(model: paddle.nn.Layer, state: dict[str, Any], ckpt: Path) -
                 f"{ckpt}: {key} has shape {list(value.shape)} in the checkpoint but "
                 f"{list(own[key].shape)} in the model (checkpoint from a different config?)"
             )
-    model.set_state_dict(state)
+    model.set_state_dict(cast_to_model_dtypes(state, own))
+
+
+def cast_to_model_dtypes(state: dict[str, Any], own: dict[str, Any]) -> dict[str, Any]:
+    """Floating-point weights take the dtype of the model's own tensor, so a float16 / bfloat16
+    merge (tools/merge_checkpoint.py --dtype) loads into the float32 model a CPU builds, and back;
+    Paddle's set_state_dict would only assert that the dtypes are equal."""
+    out = {}
+    for key, value in state.items():
+        target = own.get(key)
+        if isinstance(value, paddle.Tensor) and target is not None and value.dtype != target.dtype \
+                and paddle.is_floating_point(value) and paddle.is_floating_point(target):
+            value = value.astype(target.dtype)
+        out[key] = value
+    return out
 
 
 def _param_names(model: paddle.nn.Layer) -> dict[str, str]:

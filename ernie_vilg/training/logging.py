@@ -1,8 +1,9 @@
-"""Training logs: a console line, `log.jsonl`, and VisualDL scalars (optional).
+"""Training logs: a console line, `log.jsonl`, and VisualDL scalars, images and texts (optional).
 
 VisualDL (2.5.3, works with numpy<2) writes `<output_dir>/vdl`; view it with
 `visualdl --logdir <output_dir>/vdl`. If it is not importable the scalars are skipped with one
-message. Only rank 0 writes.
+message. Only rank 0 writes. Validation media (`write_media`): image grids (`add_image`, mirrored
+as PNG files to `<output_dir>/samples/step-N.png`) and texts (`add_text`).
 """
 from __future__ import annotations
 
@@ -81,6 +82,33 @@ class MetricsLogger:
             tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
             tmp.replace(path)
 
+    def write_media(self, step: int, media: Any) -> list[Path]:
+        """Log a `training.media.ValidationMedia`: every grid with add_image under `val/<tag>`,
+        every text with add_text; the first grid is mirrored to samples/step-N.png, the others to
+        samples/step-N_<tag>.png (a PNG needs no VisualDL to look at). Returns the PNG paths."""
+        if not self.enabled or media is None:
+            return []
+        from PIL import Image
+
+        samples = self.out / "samples"
+        samples.mkdir(parents=True, exist_ok=True)
+        writer = self._writer()
+        paths = []
+        for i, (tag, grid) in enumerate(media.images.items()):
+            slug = "".join(c if c.isalnum() or c in "-_" else "-" for c in tag)
+            path = samples / (f"step-{step}.png" if i == 0 else f"step-{step}_{slug}.png")
+            tmp = path.with_name(path.name + ".tmp")
+            Image.fromarray(grid).save(tmp, format="PNG")
+            tmp.replace(path)
+            paths.append(path)
+            if writer is not None:
+                writer.add_image(tag=f"val/{tag}", img=grid, step=step, dataformats="HWC")
+        if writer is not None:
+            for tag, text in media.texts.items():
+                writer.add_text(tag=f"val/{tag}", text_string=text, step=step)
+            writer.flush()
+        return paths
+
     def close(self) -> None:
         if self._vdl is not None:
             self._vdl.close()
@@ -97,3 +125,4 @@ def console_line(record: dict[str, Any]) -> str:
     parts += [f"{k} {v:.4g}" for k, v in record.items()
               if k.startswith("loss_") and isinstance(v, (int, float))]
     return " | ".join(parts)
+

@@ -26,8 +26,12 @@ class ResumableBatches(Protocol):
 
 class TrainModule(Protocol):
     name: str  # e.g. "vq", "vilg"
-    # Optional, duck-typed (not a member, so stages without it still match): `best_metric`, the
-    # name of a `validate` metric to maximise; the Trainer then keeps the best weights in OUTPUT/best.
+    # Optional, duck-typed (not members, so stages without them still match):
+    # - `best_metric`, the name of a `validate` metric to maximise; the Trainer then keeps the best
+    #   weights in OUTPUT/best;
+    # - `validation_media(model, step) -> ValidationMedia | None`, called on every rank right after
+    #   `validate` (model in eval mode, no grad; every rank runs it, as validation, so sharded
+    #   weights stay collective); rank 0 logs it.
 
     def build_model(self) -> paddle.nn.Layer:
         """Create the trainable model (weights initialised from cfg.Global.seed)."""

@@ -373,7 +373,11 @@ class Trainer:
             # the user's layer: validation decodes through model.cfg / prefill / step, which Fleet's
             # DataParallel / sharding wrappers do not forward (a dp 2 VQA run died at its first eval)
             metrics = self.module.validate(self.inner, self.step)
+            media_of = getattr(self.module, "validation_media", None)
+            media = media_of(self.inner, self.step) if media_of is not None else None
         self.model.train()
+        if self.rank == 0:
+            self.metrics.write_media(self.step, media)
         self._log({"step": self.step, "split": "val", **metrics})
         if self.rank == 0:
             tqdm.write(f"[val step {self.step}] " + " ".join(f"{k}={v:.4g}" for k, v in metrics.items()

@@ -144,3 +144,17 @@ def gold_ids_of_records(
         images = np.stack([load_image(rec.image_path, image_size) for rec in chunk])
         out.append(tokenizer.encode_to_ids(paddle.to_tensor(images)).numpy())
     return np.concatenate(out)
+
+
+def reconstruction_media(tokenizer: ImageTokenizer, records: list[ManifestRecord], image_size: int,
+                         items: int = 8) -> Any:
+    """training.media.ValidationMedia of a tokenizer stage: the first `items` val images (top
+    row) over their reconstructions through the codebook (bottom row)."""
+    from ernie_vilg.training.media import ValidationMedia, media_grid
+
+    chunk = records[:items]
+    if not chunk:
+        return ValidationMedia()
+    target = np.stack([load_image(rec.image_path, image_size) for rec in chunk])  # [b, 3, S, S]
+    recon = tokenizer.decode_ids(tokenizer.encode_to_ids(paddle.to_tensor(target))).numpy()
+    return ValidationMedia(images={"reconstructions": media_grid([denormalize(target), denormalize(recon)])})

@@ -44,6 +44,14 @@ class ImageTokenizerStage:
             self._val_records = read_manifest(d.val_manifest)[: self.cfg.Train.eval_samples]
         return evaluate_records(_unwrap(model), self._val_records, d.image_size, d.batch_size)
 
+    def validation_media(self, model: paddle.nn.Layer, step: int) -> Any:
+        """Originals over reconstructions of the first val images (VisualDL, OUTPUT/samples)."""
+        if not self._val_records:
+            return None
+        from ernie_vilg.vq.evaluate import reconstruction_media
+
+        return reconstruction_media(_unwrap(model), self._val_records, self.cfg.Data.image_size)
+
 
 class VQTrainModule(ImageTokenizerStage):
     name = "vq"
