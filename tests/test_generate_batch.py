@@ -206,7 +206,7 @@ def test_two_processes_give_the_same_40_images_as_one(ckpt, tmp_path) -> None:
 def test_fid_protocol_sample_captions_then_generate_then_fid(bundle, tmp_path) -> None:
     import paddle
 
-    from ernie_vilg.convert.inception import InceptionV3FID
+    from ernie_vilg.metrics.inception import InceptionV3FID
     from ernie_vilg.generation.batch import read_prompts
     from ernie_vilg.metrics.fid import WEIGHTS_FILE, evaluate_fid, write_caption_sample
 

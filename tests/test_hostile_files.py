@@ -16,11 +16,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from cli_helpers import assert_one_line_error, run_cli  # noqa: E402
 from test_safetensors import make_checkpoint, tiny_vq_config, write_evil_pdparams  # noqa: E402
 
-from ernie_vilg.convert.torch_pickle import CheckpointFormatError, UnsafePickleError, load_torch_zip  # noqa: E402
+from ernie_vilg.convert.torch_pickle import CheckpointFormatError, load_torch_zip  # noqa: E402
+from ernie_vilg.safe_pickle import UnsafePickleError  # noqa: E402
 
 
 def test_fid_weights_file_that_runs_code_is_refused_by_the_library(tmp_path):
-    from ernie_vilg.convert.inception import load_fid_inception
+    from ernie_vilg.metrics.fid import load_fid_inception
     from ernie_vilg.metrics.fid import WEIGHTS_FILE
 
     marker = tmp_path / "pwned"

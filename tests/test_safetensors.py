@@ -21,10 +21,9 @@ from ernie_vilg.convert.safetensors_io import (
     checkpoint_from_safetensors,
     checkpoint_to_safetensors,
     load_safetensors,
-    safe_paddle_load,
     save_safetensors,
 )
-from ernie_vilg.convert.torch_pickle import UnsafePickleError
+from ernie_vilg.safe_pickle import UnsafePickleError, safe_load
 from ernie_vilg.training.checkpoint import CheckpointError, load_model_state, resolve_checkpoint, save_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
@@ -179,12 +178,12 @@ def test_malicious_paddle_pickle_is_refused_before_anything_runs(tmp_path):
     marker = tmp_path / "pwned"
     evil = write_evil_pdparams(tmp_path / "model.pdparams", marker)
     with pytest.raises(UnsafePickleError, match=r"model\.pdparams: refusing global '(posix|os)\.system'"):
-        safe_paddle_load(evil)
+        safe_load(evil)
     assert not marker.exists()
     # a genuine Paddle file (tensors, bfloat16, RNG state) passes the same check
     paddle.save({"w": paddle.ones([2]), "b": paddle.ones([2]).astype("bfloat16"), "rng": paddle.get_rng_state()},
                 str(tmp_path / "ok.pd"))
-    assert same_bits(safe_paddle_load(tmp_path / "ok.pd")["w"], paddle.ones([2]))
+    assert same_bits(safe_load(tmp_path / "ok.pd")["w"], paddle.ones([2]))
 
 
 def test_cli_refuses_malicious_pickles_with_one_line_and_exit_2(tmp_path):

@@ -93,7 +93,7 @@ def test_eval_caption_tool_on_the_captions_of_the_caption_tool(smoke_quickstart,
 def test_eval_fid_tool_between_generated_and_real_images(smoke_quickstart, tmp_path):
     import paddle
 
-    from ernie_vilg.convert.inception import InceptionV3FID
+    from ernie_vilg.metrics.inception import InceptionV3FID
     from ernie_vilg.metrics.fid import WEIGHTS_FILE
 
     # the real weights need a download; a random network exercises the same path (incl. the

@@ -14,11 +14,11 @@ import pytest
 from ernie_vilg.convert.torch_pickle import (
     CheckpointFormatError,
     TorchScriptObject,
-    UnsafePickleError,
     load_state_dict,
     load_torch_zip,
     script_attributes,
 )
+from ernie_vilg.safe_pickle import UnsafePickleError
 
 
 # ----------------------------------------------------------------------------- a tiny pickle writer

@@ -120,9 +120,11 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     """User errors: one line, exit code 2. CheckpointError joins once its module (paddle) is loaded."""
     from ernie_vilg.config import ConfigError
     from ernie_vilg.convert.safetensors_io import SafetensorsError
-    from ernie_vilg.convert.torch_pickle import CheckpointFormatError, UnsafePickleError
+    from ernie_vilg.convert.torch_pickle import CheckpointFormatError
+    from ernie_vilg.safe_pickle import UnreadablePickleError, UnsafePickleError
 
     known: list[type[BaseException]] = [ConfigError, SafetensorsError, CheckpointFormatError, UnsafePickleError,
+                                        UnreadablePickleError,
                                         FileNotFoundError, IsADirectoryError]
     ckpt = sys.modules.get("ernie_vilg.training.checkpoint")
     if ckpt is not None:

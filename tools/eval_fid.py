@@ -18,7 +18,7 @@ import sys
 
 import ernie_vilg.cli.common  # noqa: F401  (quiets Paddle's import-time notices: errors stay one line)
 from ernie_vilg.convert.safetensors_io import SafetensorsError
-from ernie_vilg.convert.torch_pickle import UnsafePickleError
+from ernie_vilg.safe_pickle import UnreadablePickleError, UnsafePickleError
 from ernie_vilg.metrics.fid import DEFAULT_WEIGHTS_DIR, FIDError, evaluate_fid, write_caption_sample
 
 
@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.fetch_weights:
         if args.paths or args.convert_weights or args.sample_captions:
             parser.error("--fetch-weights takes no PATH and no other mode")
-        from ernie_vilg.convert.inception import FetchError, fetch_fid_weights
+        from ernie_vilg.convert.fid_weights import FetchError, fetch_fid_weights
 
         try:
             print(json.dumps({"weights": str(fetch_fid_weights(args.weights))}))
@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error("--convert-weights / --sample-captions take --out and no PATH")
         try:
             if args.convert_weights:
-                from ernie_vilg.convert.inception import convert_fid_weights
+                from ernie_vilg.convert.fid_weights import convert_fid_weights
 
                 print(json.dumps({"weights": str(convert_fid_weights(args.convert_weights, args.out))}))
             else:
@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     except FileNotFoundError as exc:
         print(f"eval_fid: {exc}", file=sys.stderr)
         return 2
-    except (UnsafePickleError, SafetensorsError) as exc:  # a weights file that is not plain tensors
+    except (UnsafePickleError, UnreadablePickleError, SafetensorsError) as exc:  # a weights file that is not plain tensors
         print(f"eval_fid: error: {exc}", file=sys.stderr)
         return 2
     except FIDError as exc:

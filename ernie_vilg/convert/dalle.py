@@ -41,10 +41,10 @@ from ernie_vilg.convert.torch_pickle import (
     CheckpointFormatError,
     RestrictedUnpickler,
     StorageType,
-    UnsafePickleError,
     _archive_prefix,
     check_zip_size,
 )
+from ernie_vilg.safe_pickle import UnsafePickleError
 
 # Classes a pickled DALL-E module may instantiate; each becomes an inert ModuleSkeleton.
 MODULE_CLASSES: frozenset[tuple[str, str]] = frozenset({

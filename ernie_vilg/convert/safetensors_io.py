@@ -1,4 +1,4 @@
-"""Safe weight files: safetensors in and out, and a guarded reader for Paddle pickles.
+"""Safe weight files: safetensors in and out.
 
 safetensors is a JSON header plus raw little-endian bytes: reading one never runs code, unlike a
 pickle (`.pdparams`, `.pdopt`, `.pt`). This module converts the weights of a checkpoint folder to
@@ -14,18 +14,13 @@ text files (config.yaml, meta.json, vocab.txt, vilg.json ...) and converts check
 (a vilg checkpoint's `image_tokenizer/`) the same way. Optimizer and trainer state are not
 exported: safetensors is the format for sharing weights; resume from the original folder.
 
-`safe_paddle_load` is `paddle.load` behind a restricted unpickler: the file is first unpickled
-with an allow-list (numpy arrays, dtypes, tuples, Paddle's RNG state) and refused with
-`UnsafePickleError` naming the file and the global if it asks for anything else; only then does
-`paddle.load` read it. Use it for `.pdparams` that come from outside the project.
+Pickles (`.pdparams` from outside the project) are read through `ernie_vilg.safe_pickle.safe_load`.
 """
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
-import pickle
 import shutil
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -33,7 +28,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 
 from ernie_vilg.config import Config, ConfigError, load_config
-from ernie_vilg.convert.torch_pickle import UnsafePickleError
+from ernie_vilg.safe_pickle import safe_load
 
 FORMAT = "ernie-vilg-checkpoint"
 WEIGHTS_FILE = "model.safetensors"
@@ -152,60 +147,6 @@ def load_safetensors(path: str | Path) -> tuple[dict[str, Any], dict[str, str]]:
 
 
 # --------------------------------------------------------------------------------------------
-# guarded paddle.load
-# --------------------------------------------------------------------------------------------
-# (module, name) -> what paddle.save's pickles may reference: array reconstruction, dtypes, and
-# the RNG state object of trainer_state.pd. Nothing here runs code chosen by the file.
-PADDLE_PICKLE_ALLOWED: frozenset[tuple[str, str]] = frozenset({
-    ("numpy.core.multiarray", "_reconstruct"),
-    ("numpy._core.multiarray", "_reconstruct"),
-    ("numpy.core.multiarray", "scalar"),
-    ("numpy._core.multiarray", "scalar"),
-    ("numpy", "ndarray"),
-    ("numpy", "dtype"),
-    ("builtins", "tuple"),
-    ("collections", "OrderedDict"),
-    ("paddle.base.libpaddle", "GeneratorState"),
-})
-
-
-class _CheckingUnpickler(pickle.Unpickler):
-    def __init__(self, file: io.BufferedIOBase, source: str) -> None:
-        super().__init__(file)
-        self._source = source
-
-    def find_class(self, module: str, name: str) -> Any:
-        if (module, name) in PADDLE_PICKLE_ALLOWED:
-            return super().find_class(module, name)
-        raise UnsafePickleError(f"{self._source}: refusing global '{module}.{name}': not on the allow-list "
-                                "for Paddle weight files (numpy arrays, dtypes, RNG state)")
-
-    def persistent_load(self, pid: Any) -> Any:
-        raise UnsafePickleError(f"{self._source}: unsupported persistent id {pid!r:.80}")
-
-
-def check_paddle_pickle(path: str | Path) -> None:
-    """Unpickle `path` with the allow-list (result discarded); raise UnsafePickleError if it asks
-    for any other global, SafetensorsError if it is not a readable pickle."""
-    path = Path(path)
-    with path.open("rb") as fh:
-        try:
-            _CheckingUnpickler(fh, str(path)).load()
-        except UnsafePickleError:
-            raise
-        except Exception as exc:  # truncated / corrupt pickles raise all kinds of errors
-            raise SafetensorsError(f"{path}: not a readable Paddle weight file ({type(exc).__name__}: {exc})") from None
-
-
-def safe_paddle_load(path: str | Path) -> Any:
-    """`paddle.load` for files from outside the project: checked by the restricted unpickler first."""
-    import paddle
-
-    check_paddle_pickle(path)
-    return paddle.load(str(path))
-
-
-# --------------------------------------------------------------------------------------------
 # whole checkpoints
 # --------------------------------------------------------------------------------------------
 def _build_vq(cfg: Config) -> Any:
@@ -252,12 +193,12 @@ def _is_pickle(path: Path) -> bool:
 def checkpoint_to_safetensors(ckpt: str | Path, out: str | Path) -> Path:
     """Export a checkpoint's weights: `out` ending in .safetensors -> one file (config and meta in
     its metadata); otherwise a folder with model.safetensors, the text files and converted
-    sub-checkpoints. The checkpoint's pickles are read through `safe_paddle_load`."""
+    sub-checkpoints. The checkpoint's pickles are read through `safe_pickle.safe_load`."""
     from ernie_vilg.training.checkpoint import resolve_checkpoint
 
     src = resolve_checkpoint(ckpt)
     out = Path(out)
-    state = safe_paddle_load(src / "model.pdparams")
+    state = safe_load(src / "model.pdparams")
     metadata = {"format": FORMAT, "config": (src / "config.yaml").read_text(encoding="utf-8"),
                 "meta": (src / "meta.json").read_text(encoding="utf-8")}
     if out.suffix == ".safetensors":
@@ -374,7 +315,7 @@ def describe_file(path: str | Path) -> list[dict[str, Any]]:
     if head.startswith(b"PK"):  # a zip: torch.save's format
         tensors = flatten_state(load_torch_zip(path))
         return [{"name": k, "dtype": str(v.dtype), "shape": list(v.shape)} for k, v in tensors.items()]
-    state = safe_paddle_load(path)
+    state = safe_load(path)
     rows = []
     for k, v in (state.items() if isinstance(state, dict) else []):
         if hasattr(v, "shape"):

@@ -18,16 +18,13 @@ from __future__ import annotations
 
 import collections
 import io
-import pickle
 import zipfile
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
-
-class UnsafePickleError(pickle.UnpicklingError):
-    """The pickle asked for something outside the allow-list."""
+from ernie_vilg.safe_pickle import AllowListUnpickler, UnsafePickleError
 
 
 class CheckpointFormatError(ValueError):
@@ -124,31 +121,33 @@ ALLOWED_GLOBALS: dict[tuple[str, str], Any] = {
 }
 
 
-class RestrictedUnpickler(pickle.Unpickler):
-    """Unpickler resolving only `ALLOWED_GLOBALS` (plus inert ``__torch__.*`` classes)."""
+class RestrictedUnpickler(AllowListUnpickler):
+    """`ALLOWED_GLOBALS` (plus inert ``__torch__.*`` classes); storages through `load_storage`."""
+
+    allowed = ALLOWED_GLOBALS
+    what = "torch_pickle (tensors, storages, OrderedDict, TorchScript objects)"
 
     def __init__(self, file: io.BufferedIOBase, load_storage: Callable[[StorageType, str, int], np.ndarray],
                  source: str = "pickle") -> None:
-        super().__init__(file)
+        super().__init__(file, source)
         self._load_storage = load_storage
-        self._source = source
 
     def find_class(self, module: str, name: str) -> Any:
-        if (module, name) in ALLOWED_GLOBALS:
-            found = ALLOWED_GLOBALS[(module, name)]
-            # Never hand out a shared mutable object: a BUILD opcode could alter it for later loads.
-            return StorageType(name) if found is StorageType else found
+        found = super().find_class(module, name)
+        # Never hand out a shared mutable object: a BUILD opcode could alter it for later loads.
+        return StorageType(name) if found is StorageType else found
+
+    def resolve_other(self, module: str, name: str) -> Any:
         if (module == "__torch__" or module.startswith("__torch__.")) and name.isidentifier():
             return _script_class(module, name)
-        raise UnsafePickleError(f"{self._source}: refusing global '{module}.{name}': not on the allow-list "
-                                "of torch_pickle (tensors, storages, OrderedDict, TorchScript objects)")
+        return super().resolve_other(module, name)
 
     def persistent_load(self, pid: Any) -> Any:
         if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
-            raise UnsafePickleError(f"{self._source}: unsupported persistent id {pid!r:.80}")
+            return super().persistent_load(pid)
         _, storage_type, key, _location, numel = pid
         if not isinstance(storage_type, StorageType):
-            raise UnsafePickleError(f"{self._source}: storage type {storage_type!r:.60} is not a torch storage")
+            raise self.refuse(f"storage type {storage_type!r:.60} is not a torch storage")
         return self._load_storage(storage_type, str(key), int(numel))
 
 

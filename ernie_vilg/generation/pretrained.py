@@ -118,10 +118,10 @@ def load_pretrained_weights(path: str | Path) -> dict[str, Any]:
 
         return load_safetensors(path / WEIGHTS_SAFETENSORS)[0]
     if (path / WEIGHTS_PDPARAMS).is_file():
-        from ernie_vilg.convert.safetensors_io import safe_paddle_load
+        from ernie_vilg.safe_pickle import safe_load
 
         try:
-            return safe_paddle_load(path / WEIGHTS_PDPARAMS)
+            return safe_load(path / WEIGHTS_PDPARAMS)
         except Exception as exc:  # paddle raises assorted types for truncated files
             raise CheckpointError(f"{path / WEIGHTS_PDPARAMS}: cannot load ({type(exc).__name__}: {exc})") from None
     raise CheckpointError(f"{path}: pretrained folder without {WEIGHTS_PDPARAMS} or {WEIGHTS_SAFETENSORS}")

@@ -2,7 +2,7 @@
 
 Images: RGB in [0, 1], resized to 299x299 (bilinear, half-pixel centres as torch's
 ``align_corners=False``), scaled to [-1, 1], fed to the TF-2015-12-05 Inception-v3
-(`ernie_vilg.convert.inception`); features: pool3, 2048-d. FID = ||mu1 - mu2||^2 +
+(`ernie_vilg.metrics.inception`, weights converted by `ernie_vilg.convert.fid_weights`); features: pool3, 2048-d. FID = ||mu1 - mu2||^2 +
 Tr(S1 + S2 - 2 sqrt(S1 S2)), with an eps * I offset when the matrix square root is singular.
 
 Statistics (``mu``, ``sigma``, ``count``) are kept in ``.npz`` files (pytorch-fid's key names), so a
@@ -20,7 +20,8 @@ from typing import Any, Sequence
 import numpy as np
 from scipy import linalg
 
-WEIGHTS_FILE = "inception_fid.pdparams"  # written by ernie_vilg.convert.inception.convert_fid_weights
+WEIGHTS_FILE = "inception_fid.pdparams"  # written by ernie_vilg.convert.fid_weights.convert_fid_weights
+WEIGHTS_INFO = "inception_fid.json"
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 DEFAULT_WEIGHTS_DIR = Path(os.environ.get("ERNIE_VILG_FID_WEIGHTS",
                                           Path.home() / ".cache" / "ernie_vilg" / "fid_inception"))
@@ -144,6 +145,27 @@ def path_statistics(path: str | Path, model_loader: Any, batch_size: int = 50,
     return mu, sigma, len(files)
 
 
+def load_fid_inception(weights_dir: str | Path) -> Any:
+    """The FID network with converted weights, in eval mode."""
+    path = Path(weights_dir) / WEIGHTS_FILE
+    if not path.is_file():
+        raise FileNotFoundError(str(path))
+    from ernie_vilg.metrics.inception import InceptionV3FID
+    from ernie_vilg.safe_pickle import safe_load
+
+    model = InceptionV3FID()
+    # a weights folder comes from outside (`--weights DIR`): a plain paddle.load would run
+    # whatever a crafted pickle asks for; the restricted loader refuses any global off its list
+    state = safe_load(path)
+    if not isinstance(state, dict):
+        raise ValueError(f"{path}: not a state dict of the FID network")
+    missing, unexpected = model.set_state_dict(state) or ([], [])
+    if missing or unexpected:
+        raise ValueError(f"{path}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    model.eval()
+    return model
+
+
 def evaluate_fid(path_a: str | Path, path_b: str | Path | None = None, weights_dir: str | Path | None = None,
                  batch_size: int = 50, save_stats: str | Path | None = None, progress: bool = True) -> dict[str, Any]:
     """FID between two image folders / `.npz` files, or only statistics when `path_b` is None.
@@ -160,8 +182,6 @@ def evaluate_fid(path_a: str | Path, path_b: str | Path | None = None, weights_d
 
     def model_loader() -> Any:
         if not model_cache:
-            from ernie_vilg.convert.inception import load_fid_inception
-
             model_cache.append(load_fid_inception(weights_dir))
         return model_cache[0]
 

@@ -226,10 +226,10 @@ def optimizer_shards(ckpt: Path) -> list[Path]:
 
 
 def _load(path: Path) -> Any:
-    from ernie_vilg.convert.safetensors_io import safe_paddle_load
+    from ernie_vilg.safe_pickle import safe_load
 
     try:
-        return safe_paddle_load(path)
+        return safe_load(path)
     except Exception as exc:  # paddle raises assorted types for truncated files
         raise CheckpointError(f"{path}: cannot load ({type(exc).__name__}: {exc})") from None
 
@@ -456,10 +456,10 @@ def load_checkpoint_config(path: str | Path) -> tuple[Path, Config]:
 
 
 def load_model_state(ckpt: Path) -> dict[str, Any]:
-    from ernie_vilg.convert.safetensors_io import safe_paddle_load
+    from ernie_vilg.safe_pickle import safe_load
 
     try:
-        return safe_paddle_load(ckpt / "model.pdparams")
+        return safe_load(ckpt / "model.pdparams")
     except Exception as exc:  # paddle raises assorted types for truncated files
         raise CheckpointError(f"{ckpt / 'model.pdparams'}: cannot load ({type(exc).__name__}: {exc})") from None
 

@@ -40,7 +40,7 @@ from ernie_vilg.training.checkpoint import (
 )
 from ernie_vilg.training.distributed import ParallelContext
 from ernie_vilg.training.logging import MetricsLogger
-from ernie_vilg.convert.safetensors_io import safe_paddle_load
+from ernie_vilg.safe_pickle import safe_load
 from ernie_vilg.training.module import TrainModule
 from ernie_vilg.training.nan_guard import NanGuard
 
@@ -127,7 +127,7 @@ def _load_state_file(path: Path) -> Any:
         raise CheckpointError(f"{path.parent}: cannot resume: no {path.name}; set Train.resume_weights_only=true "
                               "to continue from the weights alone")
     try:
-        state = safe_paddle_load(path)
+        state = safe_load(path)
     except Exception as exc:  # truncated pickles raise assorted types
         raise CheckpointError(f"{path}: cannot load ({type(exc).__name__}: {str(exc)[:120]}); set "
                               "Train.resume_weights_only=true to continue from the weights alone") from None

@@ -95,10 +95,10 @@ class LPIPS(nn.Layer):
     @classmethod
     def from_file(cls, path: str | Path) -> "LPIPS":
         """Load converted weights (a .pdparams of this layer's state dict) strictly, and freeze."""
-        from ernie_vilg.convert.safetensors_io import safe_paddle_load
+        from ernie_vilg.safe_pickle import safe_load
 
         model = cls()
-        state = safe_paddle_load(Path(path))
+        state = safe_load(Path(path))
         own = model.state_dict()
         missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
         if missing or unexpected:

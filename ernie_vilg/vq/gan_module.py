@@ -148,11 +148,11 @@ class VQGANTrainModule(ImageTokenizerStage):
         ckpt: Optional[Path] = latest_checkpoint(Path(self.cfg.Global.output_dir) / "checkpoints")
         if ckpt is None or not (ckpt / DISC_WEIGHTS_FILE).is_file():
             return
-        from ernie_vilg.convert.safetensors_io import safe_paddle_load
+        from ernie_vilg.safe_pickle import safe_load
 
         # every pickle goes through the allow-list, also the run's own (docs/security.md)
-        self.discriminator.set_state_dict(safe_paddle_load(ckpt / DISC_WEIGHTS_FILE))
+        self.discriminator.set_state_dict(safe_load(ckpt / DISC_WEIGHTS_FILE))
         if (ckpt / DISC_OPT_FILE).is_file():
-            state = safe_paddle_load(ckpt / DISC_OPT_FILE)
+            state = safe_load(ckpt / DISC_OPT_FILE)
             self.disc_optimizer.set_state_dict(optimizer_state_from_structured(state, self.discriminator))
         log.info("discriminator resumed from %s", ckpt)

