@@ -302,7 +302,7 @@ def judge(data: Path, out: Path, ckpt: Path) -> dict[str, Any]:
     from ernie_vilg.data.token_shards import TokenShards
     from ernie_vilg.generation.evaluate import _judge
     from ernie_vilg.generation.pipelines import decode_image_ids
-    from ernie_vilg.vq.base import load_tokenizer
+    from ernie_vilg.vq.registry import load_tokenizer
 
     ids = np.load(out / "peer_ids.npz")
     tokenizer = load_tokenizer(ckpt)

@@ -116,8 +116,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = ap.parse_args(argv)
 
     from ernie_vilg.runtime import configure_threads
-    from ernie_vilg.training.checkpoint import load_checkpoint_config
-    from ernie_vilg.vq.base import load_tokenizer
+    from ernie_vilg.checkpoint_io import load_checkpoint_config
+    from ernie_vilg.vq.registry import load_tokenizer
     from ernie_vilg.vq.evaluate import judge_gold_reconstructions
 
     configure_threads(args.threads)

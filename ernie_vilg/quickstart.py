@@ -175,7 +175,7 @@ def _train_stage(cfg: Config, label: str, what: str,
     one-thread data-parallel processes (paddle.distributed.launch over gloo, the same global batch);
     if the launch fails, it says why and trains in this process instead."""
     from ernie_vilg.runtime import seed_everything
-    from ernie_vilg.training.checkpoint import latest_checkpoint
+    from ernie_vilg.checkpoint_io import latest_checkpoint
     from ernie_vilg.training.module import module_for
     from ernie_vilg.training.trainer import Trainer
 

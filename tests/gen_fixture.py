@@ -9,7 +9,7 @@ from pathlib import Path
 import paddle
 
 from ernie_vilg.config import load_config
-from ernie_vilg.training.checkpoint import save_checkpoint
+from ernie_vilg.checkpoint_io import save_checkpoint
 from vilg_fixture import CHARS, SPECIAL
 
 REPO = Path(__file__).resolve().parents[1]
@@ -19,7 +19,7 @@ SIZE = 16
 def write_tiny_checkpoint(root: Path, seed: int = 0, *overrides: str) -> Path:
     """Return the checkpoint folder (root/vilg/checkpoints/step-00000001)."""
     from ernie_vilg.models.transformer import ErnieViLG
-    from ernie_vilg.vq.base import build_tokenizer
+    from ernie_vilg.vq.registry import build_tokenizer
 
     root.mkdir(parents=True, exist_ok=True)
     vocab = root / "vocab.txt"

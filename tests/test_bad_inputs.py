@@ -25,7 +25,7 @@ from ernie_vilg.config import ConfigError, load_config, save_config  # noqa: E40
 from ernie_vilg.data.images import MAX_IMAGE_PIXELS, ImageBatches, ImageError, load_image  # noqa: E402
 from ernie_vilg.data.manifest import ManifestError, ManifestStats, iter_manifest, read_manifest  # noqa: E402
 from ernie_vilg.data.token_shards import TokenShardError, TokenShards, TokenShardWriter  # noqa: E402
-from ernie_vilg.training.checkpoint import CheckpointError  # noqa: E402
+from ernie_vilg.checkpoint_io import CheckpointError  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = 16
@@ -250,7 +250,7 @@ def test_checkpoint_folder_missing_a_file(tmp_path):
 
 
 def test_checkpoint_from_a_different_config_shape(tmp_path):
-    from ernie_vilg.vq.base import load_tokenizer
+    from ernie_vilg.vq.registry import load_tokenizer
 
     ckpt = make_checkpoint(tmp_path / "ckpts", tiny_vq_config())
     save_config(tiny_vq_config("VQ.embed_dim=16"), ckpt / "config.yaml")  # config no longer matches
@@ -259,7 +259,7 @@ def test_checkpoint_from_a_different_config_shape(tmp_path):
 
 
 def test_truncated_checkpoint_weights(tmp_path):
-    from ernie_vilg.vq.base import load_tokenizer
+    from ernie_vilg.vq.registry import load_tokenizer
 
     ckpt = make_checkpoint(tmp_path / "ckpts", tiny_vq_config())
     weights = ckpt / "model.pdparams"

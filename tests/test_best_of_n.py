@@ -31,7 +31,7 @@ def bundle(tmp_path_factory) -> VilgBundle:
 
     from ernie_vilg.text.tokenizer import TextTokenizer
     from ernie_vilg.text.vocab import build_vocab
-    from ernie_vilg.vq.base import build_tokenizer
+    from ernie_vilg.vq.registry import build_tokenizer
 
     root = tmp_path_factory.mktemp("bon")
     manifest = root / "m.jsonl"

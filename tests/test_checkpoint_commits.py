@@ -21,10 +21,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from toy_stage import ToyStage, toy_overrides  # noqa: E402
 
 from ernie_vilg.config import load_config  # noqa: E402
-from ernie_vilg.training import checkpoint as ckpt_mod  # noqa: E402
-from ernie_vilg.training.checkpoint import (  # noqa: E402
-    CheckpointError, OutputLock, latest_checkpoint, list_checkpoints, prune_checkpoints, save_checkpoint,
+from ernie_vilg import checkpoint_io as ckpt_mod  # noqa: E402
+from ernie_vilg.checkpoint_io import (  # noqa: E402
+    CheckpointError,
+    latest_checkpoint,
+    list_checkpoints,
+    prune_checkpoints,
+    save_checkpoint,
 )
+from ernie_vilg.training.checkpoint import OutputLock  # noqa: E402
 from ernie_vilg.training.trainer import Trainer  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]

@@ -12,7 +12,7 @@ import pytest
 
 from ernie_vilg.convert.dalle import ModuleSkeleton, convert_dalle, load_module_pickle, module_tensors
 from ernie_vilg.safe_pickle import UnsafePickleError
-from ernie_vilg.training.checkpoint import load_checkpoint_config, load_model_state, set_model_state
+from ernie_vilg.checkpoint_io import load_checkpoint_config, load_model_state, set_model_state
 from ernie_vilg.vq.dvae import DVAE
 from torch_format import Call, Global, module, write_torch_zip
 

@@ -10,7 +10,7 @@ import pytest
 
 from ernie_vilg.convert.name_table import ConversionError
 from ernie_vilg.convert.taming import KEEP_INIT, convert_taming, read_taming_state
-from ernie_vilg.training.checkpoint import load_checkpoint_config, load_model_state, set_model_state
+from ernie_vilg.checkpoint_io import load_checkpoint_config, load_model_state, set_model_state
 from ernie_vilg.vq.gan_losses import LPIPS
 from ernie_vilg.vq.vqgan import VQGAN
 from torch_format import write_torch_zip

@@ -22,7 +22,12 @@ from toy_stage import ToyStage, toy_overrides  # noqa: E402
 
 from ernie_vilg.config import ConfigError, load_config  # noqa: E402
 from ernie_vilg.training import distributed as D  # noqa: E402
-from ernie_vilg.training.checkpoint import CheckpointError, list_checkpoints, load_optimizer_state, state_bytes  # noqa: E402
+from ernie_vilg.checkpoint_io import (  # noqa: E402
+    CheckpointError,
+    list_checkpoints,
+    load_optimizer_state,
+    state_bytes,
+)
 from ernie_vilg.training.trainer import Trainer  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -346,7 +351,7 @@ def test_tiny_bidirectional_config_two_processes_via_train_tool(tmp_path):
     accumulation; the same global batch as one process; the memory planner within 10%."""
     from vilg_fixture import write_tiny_vilg_data
 
-    from ernie_vilg.training.checkpoint import load_model_state
+    from ernie_vilg.checkpoint_io import load_model_state
     from ernie_vilg.training.memory_plan import compare_with_measured
     from ernie_vilg.training.module import module_for
 

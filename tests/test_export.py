@@ -17,8 +17,8 @@ from test_safetensors import load_tool, make_checkpoint, tiny_vilg_config  # noq
 from ernie_vilg.convert.export import load_predictor, run_predictor  # noqa: E402
 from ernie_vilg.convert.safetensors_io import build_model_for  # noqa: E402
 from ernie_vilg.models.sparse_masks import Direction  # noqa: E402
-from ernie_vilg.training.checkpoint import load_model_state, set_model_state  # noqa: E402
-from ernie_vilg.vq.base import load_tokenizer  # noqa: E402
+from ernie_vilg.checkpoint_io import load_model_state, set_model_state  # noqa: E402
+from ernie_vilg.vq.registry import load_tokenizer  # noqa: E402
 
 BATCH = 2
 
@@ -75,7 +75,7 @@ def test_predictor_gives_dygraph_output_and_one_call_is_one_decoding_step(export
 def test_vq_decoder_graph_matches_dygraph_with_any_batch(exported):
     out, ckpt, *_ = exported
     tokenizer = load_tokenizer(ckpt / "image_tokenizer")
-    from ernie_vilg.training.checkpoint import load_checkpoint_config
+    from ernie_vilg.checkpoint_io import load_checkpoint_config
 
     g = tokenizer.grid_size(load_checkpoint_config(ckpt / "image_tokenizer")[1].Data.image_size)
     ids = np.random.default_rng(1).integers(0, tokenizer.codebook_size, size=(3, g, g)).astype("int64")

@@ -11,7 +11,7 @@ from toy_stage import ToyStage, toy_overrides
 from vilg_fixture import CHARS, SPECIAL, write_tiny_vilg_data
 
 from ernie_vilg.config import ConfigError, load_config
-from ernie_vilg.training.checkpoint import list_checkpoints, load_model_state, read_meta
+from ernie_vilg.checkpoint_io import list_checkpoints, load_model_state, read_meta
 from ernie_vilg.training.module import module_for
 from ernie_vilg.training.trainer import BEST_DIR, Trainer
 

@@ -34,7 +34,7 @@ from ernie_vilg.models.guidance import (
 )
 from ernie_vilg.models.sparse_masks import Direction
 from ernie_vilg.models.transformer import ErnieViLG
-from ernie_vilg.training.checkpoint import CheckpointError, set_model_state
+from ernie_vilg.checkpoint_io import CheckpointError, set_model_state
 
 REPO = Path(__file__).resolve().parents[1]
 SPECIALS = TextSpecials(bos_id=2, eos_id=3, pad_id=0)
@@ -299,7 +299,7 @@ def test_guidance_scales_benchmark_writes_the_table(tmp_path, monkeypatch) -> No
     from ernie_vilg.generation import pipelines
     from ernie_vilg.text.tokenizer import TextTokenizer
     from ernie_vilg.text.vocab import build_vocab
-    from ernie_vilg.vq.base import build_tokenizer
+    from ernie_vilg.vq.registry import build_tokenizer
 
     items = [make_item(0, "test", i, size=16)[1] for i in range(3)]
     manifest = tmp_path / "m.jsonl"

@@ -32,9 +32,13 @@ from vilg_fixture import write_tiny_vilg_data  # noqa: E402
 
 from ernie_vilg.config import load_saved_config  # noqa: E402
 from ernie_vilg.convert.safetensors_io import build_model_for  # noqa: E402
-from ernie_vilg.training.checkpoint import (  # noqa: E402
-    _pid_alive,
-    latest_checkpoint, load_model_state, load_optimizer_state, read_meta, set_model_state,
+from ernie_vilg.checkpoint_io import (  # noqa: E402
+    pid_alive,
+    latest_checkpoint,
+    load_model_state,
+    load_optimizer_state,
+    read_meta,
+    set_model_state,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -263,7 +267,7 @@ def kill_job(proc: subprocess.Popen) -> None:
         except ProcessLookupError:
             pass
     proc.wait(timeout=60)
-    assert wait_for(lambda: not any(_pid_alive(pid) for pid in pids), timeout=60), "a worker survived SIGKILL"
+    assert wait_for(lambda: not any(pid_alive(pid) for pid in pids), timeout=60), "a worker survived SIGKILL"
 
 
 def finish(proc: subprocess.Popen, tmp: Path, name: str) -> None:

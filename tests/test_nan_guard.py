@@ -18,7 +18,7 @@ from toy_stage import ToyStage, toy_overrides  # noqa: E402
 
 from ernie_vilg.config import load_config  # noqa: E402
 from ernie_vilg.training import amp  # noqa: E402
-from ernie_vilg.training.checkpoint import latest_checkpoint, load_model_state  # noqa: E402
+from ernie_vilg.checkpoint_io import latest_checkpoint, load_model_state  # noqa: E402
 from ernie_vilg.training.nan_guard import NanGuard, TrainingDiverged, state_is_finite  # noqa: E402
 from ernie_vilg.training.trainer import Trainer  # noqa: E402
 

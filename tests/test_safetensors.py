@@ -24,7 +24,7 @@ from ernie_vilg.convert.safetensors_io import (
     save_safetensors,
 )
 from ernie_vilg.safe_pickle import UnsafePickleError, safe_load
-from ernie_vilg.training.checkpoint import CheckpointError, load_model_state, resolve_checkpoint, save_checkpoint
+from ernie_vilg.checkpoint_io import CheckpointError, load_model_state, resolve_checkpoint, save_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 SIZES = ["Model.text_vocab_size=24", "Model.image_vocab_size=32", "Model.image_grid=4", "Model.max_text_len=16",

@@ -141,7 +141,7 @@ def tiny_eval(tmp_path, monkeypatch):
     from ernie_vilg.models.transformer import ErnieViLG
     from ernie_vilg.text.tokenizer import TextTokenizer
     from ernie_vilg.text.vocab import build_vocab
-    from ernie_vilg.vq.base import build_tokenizer
+    from ernie_vilg.vq.registry import build_tokenizer
 
     size, n = 16, 4
     data = tmp_path / "data"

@@ -194,8 +194,8 @@ def test_parallel_tokenize_equals_single_process(tmp_path):
     from ernie_vilg.data.shapes import write_shapes_dataset
     from ernie_vilg.data.token_shards import TokenShards
     from ernie_vilg.data.tokenize_images import tokenize_manifest
-    from ernie_vilg.training.checkpoint import save_checkpoint
-    from ernie_vilg.vq.base import build_tokenizer
+    from ernie_vilg.checkpoint_io import save_checkpoint
+    from ernie_vilg.vq.registry import build_tokenizer
 
     cfg = load_config(None, ["VQ.hidden_channels=8", "VQ.channel_mult=[1, 1, 1]", "VQ.downsample_factor=4",
                              "VQ.codebook_size=32", "VQ.embed_dim=8", "Data.image_size=16"])

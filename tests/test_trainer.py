@@ -7,8 +7,12 @@ import paddle
 import pytest
 
 from ernie_vilg.config import load_config
-from ernie_vilg.training.checkpoint import (
-    CheckpointError, list_checkpoints, resolve_checkpoint, save_checkpoint, set_model_state,
+from ernie_vilg.checkpoint_io import (
+    CheckpointError,
+    list_checkpoints,
+    resolve_checkpoint,
+    save_checkpoint,
+    set_model_state,
 )
 from ernie_vilg.training.trainer import Trainer, learning_rate
 
@@ -159,7 +163,7 @@ def test_a_dead_writers_leftover_is_pruned_even_while_it_is_an_unreaped_zombie(t
     import os
     import time
 
-    from ernie_vilg.training.checkpoint import prune_checkpoints
+    from ernie_vilg.checkpoint_io import prune_checkpoints
 
     pid = os.fork()
     if pid == 0:

@@ -10,7 +10,8 @@ import pytest
 
 from ernie_vilg.config import ConfigError, VQConfig, load_config
 from ernie_vilg.vq import quantizer as quantizer_mod
-from ernie_vilg.vq.base import ImageTokenizer, build_tokenizer, load_tokenizer
+from ernie_vilg.vq.registry import build_tokenizer, load_tokenizer
+from ernie_vilg.vq.base import ImageTokenizer
 from ernie_vilg.vq.losses import VQVAELoss
 from ernie_vilg.vq.quantizer import VectorQuantizer
 
@@ -175,7 +176,7 @@ def test_freeze_stops_gradients_and_runs_fp32_under_autocast():
 
 
 def test_load_tokenizer_rebuilds_a_trainer_checkpoint(tmp_path):
-    from ernie_vilg.training.checkpoint import save_checkpoint
+    from ernie_vilg.checkpoint_io import save_checkpoint
 
     cfg = load_config(TINY)
     paddle.seed(3)

@@ -39,7 +39,7 @@ def main() -> int:
 
     from ernie_vilg.config import ConfigError
     from ernie_vilg.data.images import ImageError
-    from ernie_vilg.training.checkpoint import CheckpointError
+    from ernie_vilg.checkpoint_io import CheckpointError
 
     return run_or_exit(run, (ConfigError, CheckpointError, ImageError, FileNotFoundError, ValueError))
 

@@ -126,7 +126,7 @@ def _known_errors() -> tuple[type[BaseException], ...]:
     known: list[type[BaseException]] = [ConfigError, SafetensorsError, CheckpointFormatError, UnsafePickleError,
                                         UnreadablePickleError,
                                         FileNotFoundError, IsADirectoryError]
-    ckpt = sys.modules.get("ernie_vilg.training.checkpoint")
+    ckpt = sys.modules.get("ernie_vilg.checkpoint_io")
     if ckpt is not None:
         known.append(ckpt.CheckpointError)
     return tuple(known)

@@ -23,7 +23,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     from ernie_vilg.config import ConfigError
     from ernie_vilg.convert.export import ExportError, export_checkpoint
-    from ernie_vilg.training.checkpoint import CheckpointError
+    from ernie_vilg.checkpoint_io import CheckpointError
 
     try:
         info = export_checkpoint(args.ckpt, args.out, args.batch_size)

@@ -41,7 +41,7 @@ def main() -> int:
         return 0
 
     from ernie_vilg.config import ConfigError
-    from ernie_vilg.training.checkpoint import CheckpointError
+    from ernie_vilg.checkpoint_io import CheckpointError
 
     return run_or_exit(run, (ConfigError, CheckpointError, FileNotFoundError))
 

@@ -10,7 +10,7 @@ import argparse
 import sys
 
 from ernie_vilg.config import ConfigError
-from ernie_vilg.training.checkpoint import CheckpointError
+from ernie_vilg.checkpoint_io import CheckpointError
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -72,7 +72,7 @@ def main() -> int:
     from ernie_vilg.data.images import ImageError
     from ernie_vilg.data.manifest import ManifestError
     from ernie_vilg.data.token_shards import TokenShardError
-    from ernie_vilg.training.checkpoint import CheckpointError
+    from ernie_vilg.checkpoint_io import CheckpointError
 
     return run_or_exit(run, (ConfigError, CheckpointError, ImageError, ManifestError, TokenShardError,
                              FileNotFoundError, ValueError))

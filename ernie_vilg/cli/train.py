@@ -52,7 +52,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     from ernie_vilg.data.images import ImageError
     from ernie_vilg.data.manifest import ManifestError
     from ernie_vilg.data.token_shards import TokenShardError
-    from ernie_vilg.training.checkpoint import CheckpointError
+    from ernie_vilg.checkpoint_io import CheckpointError
     from ernie_vilg.training.nan_guard import TrainingDiverged
 
     return run_or_exit(run, (ConfigError, ManifestError, ImageError, TokenShardError, CheckpointError,

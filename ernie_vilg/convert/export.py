@@ -73,7 +73,7 @@ def _save(layer: paddle.nn.Layer, specs: list[paddle.static.InputSpec], prefix: 
 
 def _load_weights(ckpt: Path, cfg: Config) -> paddle.nn.Layer:
     from ernie_vilg.convert.safetensors_io import build_model_for
-    from ernie_vilg.training.checkpoint import load_model_state, set_model_state
+    from ernie_vilg.checkpoint_io import load_model_state, set_model_state
 
     model = build_model_for(cfg)
     set_model_state(model, load_model_state(ckpt), ckpt)
@@ -91,8 +91,8 @@ def _tokenizer_folder(ckpt: Path) -> Optional[Path]:
 
 
 def export_vq_decoder(tokenizer_ckpt: Path, out: Path) -> GraphInfo:
-    from ernie_vilg.vq.base import load_tokenizer
-    from ernie_vilg.training.checkpoint import load_checkpoint_config
+    from ernie_vilg.vq.registry import load_tokenizer
+    from ernie_vilg.checkpoint_io import load_checkpoint_config
 
     _, cfg = load_checkpoint_config(tokenizer_ckpt)
     tokenizer = load_tokenizer(tokenizer_ckpt)
@@ -128,7 +128,7 @@ def export_vilg(ckpt: Path, cfg: Config, out: Path, batch_size: int) -> list[Gra
 
 def export_checkpoint(ckpt: str | Path, out: str | Path, batch_size: int = 1) -> dict[str, Any]:
     """Write the static graphs of a vq or vilg checkpoint into `out`; returns export.json's content."""
-    from ernie_vilg.training.checkpoint import load_checkpoint_config
+    from ernie_vilg.checkpoint_io import load_checkpoint_config
 
     if batch_size < 1:
         raise ExportError(f"batch size {batch_size}: must be >= 1")

@@ -81,7 +81,7 @@ def write_tokenizer_checkpoint(out: str | Path, cfg: Any, model: Any, state: dic
     meta.json, tokenizer.json)."""
     import paddle
 
-    from ernie_vilg.training.checkpoint import begin_checkpoint, commit_checkpoint
+    from ernie_vilg.checkpoint_io import begin_checkpoint, commit_checkpoint
 
     own = model.state_dict()
     full = {k: paddle.to_tensor(state[k].astype(own[k].numpy().dtype)) if k in state else own[k] for k in own}

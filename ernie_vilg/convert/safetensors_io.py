@@ -150,7 +150,7 @@ def load_safetensors(path: str | Path) -> tuple[dict[str, Any], dict[str, str]]:
 # whole checkpoints
 # --------------------------------------------------------------------------------------------
 def _build_vq(cfg: Config) -> Any:
-    from ernie_vilg.vq.base import build_tokenizer
+    from ernie_vilg.vq.registry import build_tokenizer
 
     return build_tokenizer(cfg.VQ)
 
@@ -194,7 +194,7 @@ def checkpoint_to_safetensors(ckpt: str | Path, out: str | Path) -> Path:
     """Export a checkpoint's weights: `out` ending in .safetensors -> one file (config and meta in
     its metadata); otherwise a folder with model.safetensors, the text files and converted
     sub-checkpoints. The checkpoint's pickles are read through `safe_pickle.safe_load`."""
-    from ernie_vilg.training.checkpoint import resolve_checkpoint
+    from ernie_vilg.checkpoint_io import resolve_checkpoint
 
     src = resolve_checkpoint(ckpt)
     out = Path(out)
@@ -258,7 +258,7 @@ def checkpoint_from_safetensors(src: str | Path, out: str | Path, config: Option
     The weights are checked strictly against the model the config builds (every name present,
     none unexpected, shapes equal; CheckpointError names the key) and saved with their dtypes
     unchanged, so a round trip is bit-exact."""
-    from ernie_vilg.training.checkpoint import begin_checkpoint, commit_checkpoint, set_model_state
+    from ernie_vilg.checkpoint_io import begin_checkpoint, commit_checkpoint, set_model_state
 
     src, out = Path(src), Path(out)
     folder: Optional[Path] = None

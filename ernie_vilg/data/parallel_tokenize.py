@@ -65,8 +65,8 @@ def _tokenize_slice(job: dict[str, Any]) -> dict[str, Any]:
     from ernie_vilg.data.manifest import ManifestError, parse_line
     from ernie_vilg.data.token_shards import TokenShardWriter
     from ernie_vilg.runtime import configure_threads
-    from ernie_vilg.training.checkpoint import load_checkpoint_config
-    from ernie_vilg.vq.base import load_tokenizer
+    from ernie_vilg.checkpoint_io import load_checkpoint_config
+    from ernie_vilg.vq.registry import load_tokenizer
 
     configure_threads(job["threads"])
     ckpt_dir, cfg = load_checkpoint_config(job["ckpt"])

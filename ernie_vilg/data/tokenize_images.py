@@ -25,8 +25,8 @@ def tokenize_manifest(
     """
     import paddle
 
-    from ernie_vilg.training.checkpoint import load_checkpoint_config
-    from ernie_vilg.vq.base import load_tokenizer
+    from ernie_vilg.checkpoint_io import load_checkpoint_config
+    from ernie_vilg.vq.registry import load_tokenizer
 
     ckpt_dir, cfg = load_checkpoint_config(ckpt)
     tokenizer = load_tokenizer(ckpt_dir)

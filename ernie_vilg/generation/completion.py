@@ -83,7 +83,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     from ernie_vilg.data.token_shards import TokenShardError, TokenShards
     from ernie_vilg.generation.pipelines import load_bundle
     from ernie_vilg.runtime import configure_threads
-    from ernie_vilg.training.checkpoint import CheckpointError
+    from ernie_vilg.checkpoint_io import CheckpointError
 
     configure_threads(args.threads)
     try:

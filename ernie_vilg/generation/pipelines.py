@@ -68,7 +68,7 @@ def _tokenizer_dir(ckpt: Path, cfg: Config) -> Optional[Path]:
 
 
 def _tokenizer_image_size(tok_dir: Path, cfg: Config) -> int:
-    from ernie_vilg.training.checkpoint import load_checkpoint_config
+    from ernie_vilg.checkpoint_io import load_checkpoint_config
 
     try:
         return load_checkpoint_config(tok_dir)[1].Data.image_size
@@ -84,7 +84,7 @@ def load_bundle(ckpt: str | Path, need_image_tokenizer: bool = False) -> VilgBun
         IMAGE_TOKENIZER_DIR, is_pretrained_dir, load_pretrained_config, load_pretrained_weights,
     )
     from ernie_vilg.text.tokenizer import TextTokenizer
-    from ernie_vilg.training.checkpoint import load_checkpoint_config, load_model_state, set_model_state
+    from ernie_vilg.checkpoint_io import load_checkpoint_config, load_model_state, set_model_state
 
     if is_pretrained_dir(ckpt):
         ckpt_dir, cfg = Path(ckpt), load_pretrained_config(ckpt)
@@ -94,7 +94,7 @@ def load_bundle(ckpt: str | Path, need_image_tokenizer: bool = False) -> VilgBun
     else:
         ckpt_dir, cfg = load_checkpoint_config(ckpt)
         if cfg.Global.stage in NOT_VILG_STAGES:
-            from ernie_vilg.training.checkpoint import CheckpointError
+            from ernie_vilg.checkpoint_io import CheckpointError
 
             raise CheckpointError(f"{ckpt_dir}: {NOT_VILG_STAGES[cfg.Global.stage]} checkpoint (Global.stage "
                                   f"{cfg.Global.stage}), not an ERNIE-ViLG one: pass the vilg run folder "
@@ -105,7 +105,7 @@ def load_bundle(ckpt: str | Path, need_image_tokenizer: bool = False) -> VilgBun
     text_tokenizer = TextTokenizer(vocab if vocab.is_file() else cfg.Data.vocab_file)
     image_tokenizer = None
     if tok_dir is not None:
-        from ernie_vilg.vq.base import load_tokenizer
+        from ernie_vilg.vq.registry import load_tokenizer
 
         image_tokenizer = load_tokenizer(tok_dir)
     elif need_image_tokenizer:

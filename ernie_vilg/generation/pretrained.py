@@ -12,7 +12,7 @@
 
 Written by `tools/convert_checkpoint.py to-pretrained` (pipelines.save_pretrained); read by `load_bundle` (hence by every tool
 that takes --ckpt) and by `ErnieViLGPipeline.from_pretrained`. Weights may be float32, float16 or
-bfloat16; they are cast to the model's dtype on load (training.checkpoint.cast_to_model_dtypes).
+bfloat16; they are cast to the model's dtype on load (checkpoint_io.cast_to_model_dtypes).
 """
 from __future__ import annotations
 
@@ -49,7 +49,7 @@ def write_pretrained(bundle: Any, image_tokenizer_dir: Path, out: str | Path, sa
     """Write the pretrained folder of a loaded vilg checkpoint (`pipelines.VilgBundle`; its image
     tokenizer checkpoint at `image_tokenizer_dir`) to `out` (replaced if it exists; written under a
     temporary name and renamed). `pipelines.save_pretrained` is the entry point from a folder."""
-    from ernie_vilg.training.checkpoint import CheckpointError
+    from ernie_vilg.checkpoint_io import CheckpointError
 
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
@@ -111,7 +111,7 @@ def load_pretrained_config(path: str | Path) -> Config:
 
 def load_pretrained_weights(path: str | Path) -> dict[str, Any]:
     path = Path(path)
-    from ernie_vilg.training.checkpoint import CheckpointError
+    from ernie_vilg.checkpoint_io import CheckpointError
 
     if (path / WEIGHTS_SAFETENSORS).is_file():
         from ernie_vilg.convert.safetensors_io import load_safetensors

@@ -40,7 +40,7 @@ REC_LOSSES = ("mse", "l1")
 def build_image_tokenizer(vq_cfg: VQConfig) -> Any:
     """`vq.base.build_tokenizer`, falling back to this issue's builders for kinds the registry
     does not list yet (vqgan, vqgan_gumbel, dvae)."""
-    from ernie_vilg.vq.base import TOKENIZERS, build_tokenizer
+    from ernie_vilg.vq.registry import TOKENIZERS, build_tokenizer
 
     if vq_cfg.kind in TOKENIZERS:
         return build_tokenizer(vq_cfg)
@@ -57,7 +57,7 @@ def build_image_tokenizer(vq_cfg: VQConfig) -> Any:
 
 def load_image_tokenizer(ckpt_dir: Any) -> Any:
     """`vq.base.load_tokenizer` for every tokenizer kind (see build_image_tokenizer)."""
-    from ernie_vilg.training.checkpoint import load_checkpoint_config, load_model_state, set_model_state
+    from ernie_vilg.checkpoint_io import load_checkpoint_config, load_model_state, set_model_state
 
     ckpt, cfg = load_checkpoint_config(ckpt_dir)
     tokenizer = build_image_tokenizer(cfg.VQ)

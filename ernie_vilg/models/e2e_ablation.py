@@ -35,7 +35,7 @@ PAPER_FID = (41.4, 40.5, 39.9, 21.7, 18.6)  # Table 7, lite model with dVAE
 def register_issue6_tokenizers() -> None:
     """Until vq/base.py lists them: add vqgan / vqgan_gumbel / dvae to the tokenizer registry
     so `load_tokenizer` (token shards, generation tools) can load their checkpoints."""
-    from ernie_vilg.vq.base import TOKENIZERS
+    from ernie_vilg.vq.registry import TOKENIZERS
     from ernie_vilg.vq.dvae import build_dvae
     from ernie_vilg.vq.vqgan import build_vqgan
 
@@ -123,7 +123,7 @@ def run_ablation(shapes_dir: str | Path, tokenizer_ckpt: str | Path, out: str | 
     two_stage, e2e = runs["two_stage"]["module"], runs["end_to_end"]["module"]
     g2, ge = runs["two_stage"]["result"], runs["end_to_end"]["result"]
     # the trained weights are the Trainer's final state; rebuild and load to get eval-mode models
-    from ernie_vilg.training.checkpoint import load_model_state, set_model_state
+    from ernie_vilg.checkpoint_io import load_model_state, set_model_state
 
     model_2s, model_e2e = two_stage.build_model(), e2e.build_model()
     for model, res in ((model_2s, g2), (model_e2e, ge)):

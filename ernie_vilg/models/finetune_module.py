@@ -41,7 +41,7 @@ from ernie_vilg.models.losses import token_nll
 from ernie_vilg.models.module import VOCAB_FILE, ShardBatches, VilgTrainModule
 from ernie_vilg.models.sparse_masks import Direction
 from ernie_vilg.models.transformer import ErnieViLG
-from ernie_vilg.training.checkpoint import CheckpointError, load_checkpoint_config, load_model_state, set_model_state
+from ernie_vilg.checkpoint_io import CheckpointError, load_checkpoint_config, load_model_state, set_model_state
 
 log = logging.getLogger(__name__)
 

@@ -322,7 +322,7 @@ class VilgTrainModule:
         if self._image_tokenizer is None and not self._tokenizer_missing:
             path = Path(self.cfg.Data.tokenizer_ckpt)
             if self.cfg.Data.tokenizer_ckpt and (path / "model.pdparams").is_file():
-                from ernie_vilg.vq.base import load_tokenizer
+                from ernie_vilg.vq.registry import load_tokenizer
 
                 self._image_tokenizer = load_tokenizer(path)
             else:

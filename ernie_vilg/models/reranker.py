@@ -209,9 +209,7 @@ def rank_candidates(reranker: Reranker, images: Any, text: str) -> tuple[np.ndar
 def load_reranker(ckpt: str | Path) -> Reranker:
     """Rebuild a trained reranker from a checkpoint folder (or its run folder) alone."""
     from ernie_vilg.text.tokenizer import TextTokenizer
-    from ernie_vilg.training.checkpoint import (
-        CheckpointError, load_checkpoint_config, load_model_state, set_model_state,
-    )
+    from ernie_vilg.checkpoint_io import CheckpointError, load_checkpoint_config, load_model_state, set_model_state
 
     ckpt_dir, cfg = load_checkpoint_config(ckpt)
     info_path = ckpt_dir / RERANKER_INFO_FILE

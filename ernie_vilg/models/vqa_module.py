@@ -229,7 +229,7 @@ def build_vqa_vocab(manifests: Sequence[str | Path], out: str | Path) -> list[st
 
 def init_from_vilg(model: ErnieViLG, ckpt: str | Path, vocab: Sequence[str]) -> dict[str, int]:
     """Copy a vilg checkpoint's weights into `model` (VQA vocab `vocab`); returns counts."""
-    from ernie_vilg.training.checkpoint import load_checkpoint_config, load_model_state
+    from ernie_vilg.checkpoint_io import load_checkpoint_config, load_model_state
 
     ckpt_dir, _ = load_checkpoint_config(ckpt)
     src_vocab_file = ckpt_dir / "vocab.txt"
@@ -241,7 +241,7 @@ def init_from_vilg(model: ErnieViLG, ckpt: str | Path, vocab: Sequence[str]) -> 
     state = load_model_state(ckpt_dir)
     own = model.state_dict()
     new_state, counts = {}, {"copied": 0, "vocab_rows": len(rows), "partial": 0}
-    from ernie_vilg.training.checkpoint import optional_state_keys
+    from ernie_vilg.checkpoint_io import optional_state_keys
 
     optional = optional_state_keys(model)
     for key, target in own.items():

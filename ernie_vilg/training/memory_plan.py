@@ -309,7 +309,7 @@ def compare_with_measured(run_dir: str | Path) -> list[dict[str, float]]:
     Uses the run's resolved config (newest checkpoint) for the model size and the layout."""
     import json
 
-    from ernie_vilg.training.checkpoint import load_checkpoint_config
+    from ernie_vilg.checkpoint_io import load_checkpoint_config
 
     run_dir = Path(run_dir)
     _, cfg = load_checkpoint_config(run_dir)

@@ -16,8 +16,13 @@ from typing import Optional
 import paddle
 
 from ernie_vilg.config import DistributedConfig, save_config
-from ernie_vilg.training.checkpoint import (
-    SHARD_FILE, CheckpointError, load_checkpoint_config, load_model_state, load_optimizer_state, read_meta,
+from ernie_vilg.checkpoint_io import (
+    SHARD_FILE,
+    CheckpointError,
+    load_checkpoint_config,
+    load_model_state,
+    load_optimizer_state,
+    read_meta,
 )
 
 # per-run files that an inference folder does not need

@@ -32,12 +32,23 @@ from tqdm import tqdm
 
 from ernie_vilg.config import Config, ConfigError
 from ernie_vilg.training import amp
-from ernie_vilg.training.checkpoint import (
-    CheckpointError, OutputLock, begin_checkpoint, commit_checkpoint, latest_checkpoint, load_model_state,
-    load_optimizer_state, optimizer_shard_name, optimizer_state_from_structured,
-    optimizer_state_to_structured, rank_state_name, read_meta, recover_interrupted, save_checkpoint,
-    save_file, set_model_state, state_bytes,
+from ernie_vilg.checkpoint_io import (
+    CheckpointError,
+    begin_checkpoint,
+    commit_checkpoint,
+    latest_checkpoint,
+    load_model_state,
+    load_optimizer_state,
+    optimizer_shard_name,
+    rank_state_name,
+    read_meta,
+    recover_interrupted,
+    save_checkpoint,
+    save_file,
+    set_model_state,
+    state_bytes,
 )
+from ernie_vilg.training.checkpoint import OutputLock, optimizer_state_from_structured, optimizer_state_to_structured
 from ernie_vilg.training.distributed import ParallelContext
 from ernie_vilg.training.logging import MetricsLogger
 from ernie_vilg.safe_pickle import safe_load

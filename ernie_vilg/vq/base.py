@@ -1,6 +1,6 @@
 """The image tokenizer interface: the only view of stage 1 that stage 2 gets.
 
-Every tokenizer (VQVAE now; VQGAN and dVAE later) maps images to a grid of code ids and back:
+Every tokenizer (VQVAE, VQGAN, dVAE) maps images to a grid of code ids and back:
 
     encode_to_ids(images [B, 3, H, W] float32 in [-1, 1]) -> ids [B, h, w] int64, h = H / f
     decode_ids(ids [B, h, w])                             -> images [B, 3, H, W] in [-1, 1]
@@ -8,19 +8,18 @@ Every tokenizer (VQVAE now; VQGAN and dVAE later) maps images to a grid of code 
     decode_embeddings(z_emb [B, d, h, w])                 -> images (with gradients; end-to-end)
     codebook_size, grid_size(image_size)
 
-`build_tokenizer` picks the class from `VQ.kind`; `load_tokenizer` rebuilds a trained one from a
-Trainer checkpoint folder and freezes it. A frozen tokenizer runs in fp32 without gradients,
+`vq.registry.build_tokenizer` picks the class from `VQ.kind`; `load_tokenizer` rebuilds a trained
+one from a checkpoint folder and freezes it. A frozen tokenizer runs in fp32 without gradients,
 whatever AMP context the caller is in.
 """
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable
 
 import paddle
 import paddle.nn as nn
 
-from ernie_vilg.config import ConfigError, VQConfig
+from ernie_vilg.config import VQConfig
 
 
 class ImageTokenizer(nn.Layer):
@@ -79,53 +78,3 @@ class ImageTokenizer(nn.Layer):
         for param in self.parameters():
             param.stop_gradient = True
         return self
-
-
-def _build_vqvae(vq_cfg: VQConfig) -> ImageTokenizer:
-    from ernie_vilg.vq.vqvae import VQVAE
-
-    return VQVAE(vq_cfg)
-
-
-def _build_vqgan(vq_cfg: VQConfig) -> ImageTokenizer:
-    from ernie_vilg.vq.vqgan import build_vqgan
-
-    return build_vqgan(vq_cfg)
-
-
-def _build_dvae(vq_cfg: VQConfig) -> ImageTokenizer:
-    from ernie_vilg.vq.dvae import build_dvae
-
-    return build_dvae(vq_cfg)
-
-
-# VQ.kind -> constructor. Imports are deferred so base.py does not import every model file.
-TOKENIZERS: dict[str, Callable[[VQConfig], ImageTokenizer]] = {
-    "vqvae": _build_vqvae,
-    "vqgan": _build_vqgan,
-    "vqgan_gumbel": _build_vqgan,
-    "dvae": _build_dvae,
-}
-
-
-def build_tokenizer(vq_cfg: VQConfig) -> ImageTokenizer:
-    """A new (untrained) tokenizer of kind `vq_cfg.kind`."""
-    try:
-        builder = TOKENIZERS[vq_cfg.kind]
-    except KeyError:
-        raise ConfigError(f"VQ.kind: unknown tokenizer {vq_cfg.kind!r} (known: {', '.join(TOKENIZERS)})") from None
-    return builder(vq_cfg)
-
-
-def load_tokenizer(ckpt_dir: str | Path) -> ImageTokenizer:
-    """Rebuild a trained tokenizer from a Trainer checkpoint folder (or its run folder) and freeze it.
-
-    Reads `config.yaml` (the resolved config) and `model.pdparams` (strictly: a missing or
-    mis-shaped key raises CheckpointError naming it).
-    """
-    from ernie_vilg.training.checkpoint import load_checkpoint_config, load_model_state, set_model_state
-
-    ckpt, cfg = load_checkpoint_config(ckpt_dir)
-    tokenizer = build_tokenizer(cfg.VQ)
-    set_model_state(tokenizer, load_model_state(ckpt), ckpt)
-    return tokenizer.freeze()

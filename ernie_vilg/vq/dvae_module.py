@@ -33,7 +33,7 @@ import paddle.nn.functional as F
 
 from ernie_vilg.config import Config, ConfigError, DVAEConfig
 from ernie_vilg.data.images import ImageBatches
-from ernie_vilg.training.checkpoint import latest_checkpoint
+from ernie_vilg.checkpoint_io import latest_checkpoint
 from ernie_vilg.vq.dvae import DVAE, DVAEOutput, gumbel_schedule, kl_to_uniform, map_pixels
 from ernie_vilg.vq.gan_module import write_tokenizer_info
 from ernie_vilg.vq.module import ImageTokenizerStage

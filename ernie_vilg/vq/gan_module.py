@@ -143,7 +143,7 @@ class VQGANTrainModule(ImageTokenizerStage):
         self._resume_checked = True
         if not self.cfg.Train.resume:
             return
-        from ernie_vilg.training.checkpoint import latest_checkpoint
+        from ernie_vilg.checkpoint_io import latest_checkpoint
 
         ckpt: Optional[Path] = latest_checkpoint(Path(self.cfg.Global.output_dir) / "checkpoints")
         if ckpt is None or not (ckpt / DISC_WEIGHTS_FILE).is_file():

@@ -10,7 +10,8 @@ import paddle
 from ernie_vilg.config import Config, ConfigError
 from ernie_vilg.data.images import ImageBatches
 from ernie_vilg.data.manifest import read_manifest
-from ernie_vilg.vq.base import ImageTokenizer, build_tokenizer
+from ernie_vilg.vq.registry import build_tokenizer
+from ernie_vilg.vq.base import ImageTokenizer
 from ernie_vilg.vq.evaluate import evaluate_records
 from ernie_vilg.vq.losses import VQVAELoss
 
