@@ -41,7 +41,8 @@ def main() -> int:
     from ernie_vilg.data.shapes_judge import judge_image
     from ernie_vilg.data.token_shards import TokenShards
     from ernie_vilg.generation.best_of_n import rank_candidates_by, score_candidates
-    from ernie_vilg.generation.pipelines import decode_image_ids, load_bundle, text_to_image_ids
+    from ernie_vilg.generation.pipelines import decode_image_ids, text_to_image_ids
+    from ernie_vilg.pipeline import load_bundle
     from ernie_vilg.runtime import configure_threads
 
     configure_threads(args.threads)

@@ -34,7 +34,7 @@ def judge_checkpoints(run: Path, shards: Path, max_items: int, seed: int, start:
 
     from ernie_vilg.data.token_shards import TokenShards
     from ernie_vilg.generation.evaluate import caption_direction, image_direction
-    from ernie_vilg.generation.pipelines import load_bundle
+    from ernie_vilg.pipeline import load_bundle
     from ernie_vilg.checkpoint_io import list_checkpoints
 
     ckpts = list_checkpoints(run / "checkpoints") if (run / "checkpoints").is_dir() else list_checkpoints(run)

@@ -103,13 +103,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parser.parse_args(argv)
 
     from ernie_vilg.data.token_shards import TokenShards
-    from ernie_vilg.generation import pipelines
+    from ernie_vilg import pipeline
     from ernie_vilg.runtime import configure_threads
 
     configure_threads(args.threads)
     scales = parse_scales(args.scales)
     caption_scales = parse_scales(args.caption_scales) if args.caption_scales else scales
-    bundle = pipelines.load_bundle(args.ckpt, need_image_tokenizer=True)
+    bundle = pipeline.load_bundle(args.ckpt, need_image_tokenizer=True)
     shards = TokenShards(args.shards)
     records = [shards[i] for i in range(min(args.max_items, len(shards)))]
     gen = bundle.cfg.Generation

@@ -72,7 +72,7 @@ class DataConfig:
     max_text_len: int = 32
     vocab_file: str = ""  # WordPiece vocab.txt (built by tools/build_vocab.py)
     tokenizer_ckpt: str = ""  # checkpoint folder of the image tokenizer
-    # vilg training batches stream from token shards (models/module.py StreamBatches): the rows
+    # vilg training batches stream from token shards (stages/vilg.py StreamBatches): the rows
     # form this many fixed partitions, so W ranks (W dividing it) consume the rows of one process
     stream_partitions: int = 4
     shuffle_buffer: int = 1024  # rows in each partition's shuffle buffer (memory: owned partitions x this)
@@ -520,11 +520,11 @@ def build_config(data: dict[str, dict[str, Any]], source: str = "<dict>") -> Con
 # --------------------------------------------------------------------------------------------
 # Values whose code lives in upper floors (config.py imports nothing of the project); a test
 # checks each tuple against the registry it mirrors.
-ATTENTION_IMPLS = ("dense", "sparse_reference", "sparse_blockwise")  # models/sparse_masks.py
-SCHEDULES = ("constant", "cosine")  # training/trainer.py learning_rate
+ATTENTION_IMPLS = ("dense", "sparse_reference", "sparse_blockwise")  # the attention cores of models/attention.py
+SCHEDULES = ("constant", "cosine")  # training/schedule.py learning_rate
 OPTIMIZERS = ("adamw",)  # training/trainer.py build_optimizer
 DEVICES = ("cpu", "gpu")  # training/distributed.py
-DECODE_STRATEGIES = ("greedy", "beam", "sampling")  # generation/pipelines.py
+DECODE_STRATEGIES = ("greedy", "beam", "sampling")  # generation/captions.py decode_captions
 
 
 class _Range:

@@ -21,6 +21,16 @@ import numpy as np
 ImageLike = Union["PIL.Image.Image", str, Path, np.ndarray]  # noqa: F821
 
 
+def load_bundle(ckpt: str | Path, need_image_tokenizer: bool = False) -> Any:
+    """A loaded checkpoint (`generation.pipelines.VilgBundle`: model in eval mode, text and image
+    tokenizers, resolved config) of any stage that generates: vilg, vilg_e2e, caption_finetune,
+    vqa, or a pretrained folder. The model is the stage registry's (`ernie_vilg.stages`)."""
+    from ernie_vilg.generation.pipelines import bundle_from_checkpoint
+    from ernie_vilg.stages import build_bare_model
+
+    return bundle_from_checkpoint(ckpt, build_bare_model, need_image_tokenizer)
+
+
 class ErnieViLGPipeline:
     """Text -> image, image -> text, VQA and image completion over one loaded checkpoint
     (`generation.pipelines.VilgBundle`)."""
@@ -32,7 +42,6 @@ class ErnieViLGPipeline:
     def from_pretrained(cls, path: str | Path, threads: int = 0) -> "ErnieViLGPipeline":
         """Load a pretrained folder (tools/convert_checkpoint.py to-pretrained) or any vilg
         checkpoint folder / run folder. `threads`: CPU threads (0 = all cores)."""
-        from ernie_vilg.generation.pipelines import load_bundle
         from ernie_vilg.runtime import configure_threads
 
         if threads:
@@ -154,7 +163,7 @@ class ErnieViLGPipeline:
 
     def answer(self, image: ImageLike, question: str, strategy: Optional[str] = None) -> str:
         """Generative VQA: the answer to `question` about `image` (greedy, or beam)."""
-        from ernie_vilg.models.vqa_module import answer_questions
+        from ernie_vilg.generation.vqa import answer_questions
 
         cfg = self.bundle.cfg
         strategy = strategy or ("beam" if cfg.Generation.decode_strategy == "beam" else "greedy")

@@ -114,7 +114,7 @@ def run_quickstart(out: str | Path, plan: Optional[QuickstartPlan] = None, threa
     timings["tokenizer"] = time.time() - t0
 
     # 3. token shards -------------------------------------------------------------------------
-    from ernie_vilg.data.tokenize_images import tokenize_manifest
+    from ernie_vilg.vq.tokenize_images import tokenize_manifest
 
     t0 = time.time()
     _banner("3/6 tokenize images")
@@ -150,12 +150,13 @@ def run_quickstart(out: str | Path, plan: Optional[QuickstartPlan] = None, threa
 
     # 6. evaluation -------------------------------------------------------------------------
     from ernie_vilg.generation.evaluate import evaluate_both_directions
+    from ernie_vilg.pipeline import load_bundle
 
     t0 = time.time()
     best_of = f", text-to-image best-of-{plan.eval_candidates}" if plan.eval_candidates > 1 else ""
     _banner(f"6/6 evaluate both directions on {plan.eval_images} held-out test images{best_of}")
     eval_out = out / plan.eval_dir if plan.eval_dir else out
-    metrics = evaluate_both_directions(vilg_ckpt, out / "tokens" / "test", eval_out, max_items=plan.eval_images,
+    metrics = evaluate_both_directions(load_bundle(vilg_ckpt), out / "tokens" / "test", eval_out, max_items=plan.eval_images,
                                        seed=plan.seed, num_candidates=plan.eval_candidates)
     timings["evaluate"] = time.time() - t0
     timings["total"] = time.time() - t_all
@@ -176,7 +177,7 @@ def _train_stage(cfg: Config, label: str, what: str,
     if the launch fails, it says why and trains in this process instead."""
     from ernie_vilg.runtime import seed_everything
     from ernie_vilg.checkpoint_io import latest_checkpoint
-    from ernie_vilg.training.module import module_for
+    from ernie_vilg.stages import prepare
     from ernie_vilg.training.trainer import Trainer
 
     root = Path(cfg.Global.output_dir) / "checkpoints"
@@ -195,7 +196,8 @@ def _train_stage(cfg: Config, label: str, what: str,
     else:
         _banner(f"{label} ({what})")
     seed_everything(cfg.Global.seed)
-    Trainer(cfg, module_for(cfg)).fit()
+    module = prepare(cfg)
+    Trainer(module.cfg, module).fit()
     ckpt = latest_checkpoint(root)
     assert ckpt is not None  # fit() always ends with a save
     return ckpt

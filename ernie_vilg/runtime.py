@@ -184,3 +184,10 @@ def progress_bar(total: int, desc: str, unit: str = "it", enable: bool = True) -
     from tqdm import tqdm
 
     return tqdm(total=total, desc=desc, unit=unit, leave=False, dynamic_ncols=True)
+
+
+def world_from_env() -> tuple[int, int]:
+    """(rank, world size) as set by `paddle.distributed.launch` (1 process otherwise)."""
+    world = int(os.environ.get("PADDLE_TRAINERS_NUM", "1"))
+    rank = int(os.environ.get("PADDLE_TRAINER_ID", "0"))
+    return rank, world

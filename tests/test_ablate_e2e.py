@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from ernie_vilg.config import Config, VQConfig
 from ernie_vilg.training.trainer import Trainer
-from ernie_vilg.vq.dvae_module import DVAETrainModule
-from issue6_fixtures import shapes_dir  # noqa: F401  (fixture)
+from ernie_vilg.stages.dvae import DVAETrainModule
+from shapes32_fixture import shapes_dir  # noqa: F401  (fixture)
 
 
 def test_ablation_prints_all_five_rows(tmp_path, shapes_dir, capsys):

@@ -112,7 +112,7 @@ def test_tokenize_images_when_every_image_is_bad_exits_2(tmp_path, vq_ckpt):
 
 
 def test_parallel_tokenize_on_an_all_bad_manifest_raises_and_leaves_no_parts(tmp_path, vq_ckpt):
-    from ernie_vilg.data.parallel_tokenize import tokenize_manifest_parallel
+    from ernie_vilg.vq.parallel_tokenize import tokenize_manifest_parallel
 
     (tmp_path / "m.jsonl").write_text("nope\n", encoding="utf-8")
     with pytest.raises(ManifestError, match="no usable image-text pair"):

@@ -353,7 +353,7 @@ def test_tiny_bidirectional_config_two_processes_via_train_tool(tmp_path):
 
     from ernie_vilg.checkpoint_io import load_model_state
     from ernie_vilg.training.memory_plan import compare_with_measured
-    from ernie_vilg.training.module import module_for
+    from ernie_vilg.stages import prepare
 
     data = write_tiny_vilg_data(tmp_path / "data")
     common = data + ["Train.max_steps=4", "Train.log_every=1", "Train.eval_every=0", "Train.save_every=2",
@@ -372,7 +372,8 @@ def test_tiny_bidirectional_config_two_processes_via_train_tool(tmp_path):
         pytest.fail(f"{proc.stderr[-2000:]}\n{logs}")
     cfg = load_config(REPO / "configs" / "vilg" / "tiny.yaml",
                       common + [f"Global.output_dir={tmp_path / 'one'}", "Data.batch_size=8"])
-    one = Trainer(cfg, module_for(cfg))
+    module = prepare(cfg)
+    one = Trainer(module.cfg, module)
     one.fit()
     # tolerance: float32 summation order differs (2 ranks x 2 micro batches vs 1 batch of 8)
     np.testing.assert_allclose(train_losses(two), [r["loss"] for r in one.history if r["split"] == "train"],

@@ -8,12 +8,12 @@ import paddle
 import pytest
 
 from ernie_vilg.config import Config, ConfigError, DVAEConfig, VQConfig
-from ernie_vilg.models.e2e import load_image_tokenizer
+from ernie_vilg.vq.registry import load_tokenizer
 from ernie_vilg.training.trainer import Trainer
 from ernie_vilg.vq.dvae import DVAE, DVAEOutput, cosine_schedule, kl_to_uniform, map_pixels, relaxed_one_hot
-from ernie_vilg.vq.dvae_module import (DVAELoss, DVAETrainModule, apply_code_splits, logit_laplace_nll,
-                                       plan_code_splits)
-from issue6_fixtures import shapes_dir  # noqa: F401  (fixture)
+from ernie_vilg.stages.dvae import DVAETrainModule
+from ernie_vilg.vq.dvae_train import DVAELoss, apply_code_splits, logit_laplace_nll, plan_code_splits
+from shapes32_fixture import shapes_dir  # noqa: F401  (fixture)
 
 TINY = dict(kind="dvae", hidden_channels=8, channel_mult=[1, 2], num_res_blocks=1, downsample_factor=8,
             patch_size=4, codebook_size=16, embed_dim=8)
@@ -142,12 +142,12 @@ def test_dvae_stage_trains_and_checkpoint_loads(tmp_path, shapes_dir, norm):
     cfg.Train.max_steps, cfg.Train.eval_samples, cfg.Train.progress_bar = 4, 4, False
     result = Trainer(cfg, DVAETrainModule(cfg)).fit()
     assert "judge_all" in result["val"] and np.isfinite(result["val"]["psnr"])
-    loaded = load_image_tokenizer(result["checkpoint"])
+    loaded = load_tokenizer(result["checkpoint"])
     assert isinstance(loaded, DVAE) and loaded.cfg.dvae_logits_norm == norm
 
 
 def test_bce_recon_loss_is_zero_at_the_target_and_does_not_saturate():
-    from ernie_vilg.vq.dvae_module import sigmoid_cross_entropy
+    from ernie_vilg.vq.dvae_train import sigmoid_cross_entropy
     x = paddle.uniform([1, 3, 4, 4], min=-1, max=1)
     x01 = (x + 1) / 2 * 0.8 + 0.1
     mu = paddle.log(x01) - paddle.log(1 - x01)
@@ -166,7 +166,7 @@ def test_bce_recon_loss_is_zero_at_the_target_and_does_not_saturate():
 
 
 def test_kmeans_init_makes_the_argmax_the_nearest_centroid():
-    from ernie_vilg.vq.dvae_module import kmeans_init_logits
+    from ernie_vilg.vq.dvae_train import kmeans_init_logits
     paddle.seed(2)
     model = DVAE(VQConfig(**TINY))
     batches = [paddle.uniform([2, 3, 32, 32], min=-1, max=1) for _ in range(2)]
@@ -201,7 +201,7 @@ def _kmeans_stage_cfg(tmp_path, shapes_dir, max_steps):
 
 
 def test_kmeans_init_freeze_and_resume(tmp_path, shapes_dir, monkeypatch):
-    import ernie_vilg.vq.dvae_module as M
+    import ernie_vilg.stages.dvae as M
     cfg = _kmeans_stage_cfg(tmp_path, shapes_dir, 2)
     calls = []
     real = M.kmeans_init_logits

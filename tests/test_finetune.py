@@ -12,7 +12,8 @@ from vilg_fixture import CHARS, SPECIAL, write_tiny_vilg_data
 
 from ernie_vilg.config import ConfigError, load_config
 from ernie_vilg.checkpoint_io import list_checkpoints, load_model_state, read_meta
-from ernie_vilg.training.module import module_for
+from ernie_vilg.stages import prepare
+from ernie_vilg.training.module import StepContext
 from ernie_vilg.training.trainer import BEST_DIR, Trainer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -95,7 +96,7 @@ def rows(batch) -> list[tuple[bytes, tuple[int, ...]]]:
 
 
 def test_stream_batches_same_global_batch_for_any_rank_count_and_exact_resume(paraphrase_shards):
-    from ernie_vilg.models.module import StreamBatches
+    from ernie_vilg.stages.vilg import StreamBatches
 
     path, tok = paraphrase_shards
     one = iter(StreamBatches(path, tok, 8, 16, seed=3, partitions=4, buffer_size=3))
@@ -143,7 +144,8 @@ def pretrained(tmp_path_factory) -> tuple[list[str], Path]:
     data = write_tiny_vilg_data(root / "data")
     cfg = tiny_cfg(data, root / "run", ["Train.max_steps=20", "Train.eval_every=0", "Train.save_every=0",
                                         "Data.batch_size=8", "Optimizer.lr=0.003"])
-    result = Trainer(cfg, module_for(cfg)).fit()
+    module = prepare(cfg)
+    result = Trainer(module.cfg, module).fit()
     return data, Path(result["checkpoint"])
 
 
@@ -155,34 +157,35 @@ def test_finetune_config_errors_name_the_checkpoint(pretrained, tmp_path):
     data, ckpt = pretrained
     missing = tmp_path / "no_such_ckpt"
     with pytest.raises(ConfigError, match=f"Finetune.init_from={missing}.*not found"):
-        module_for(tiny_cfg(data, tmp_path / "a", finetune_overrides(missing)))
+        prepare(tiny_cfg(data, tmp_path / "a", finetune_overrides(missing)))
     with pytest.raises(ConfigError, match="Finetune.init_from is empty"):
-        module_for(tiny_cfg(data, tmp_path / "b", ["Global.stage=caption_finetune"]))
+        prepare(tiny_cfg(data, tmp_path / "b", ["Global.stage=caption_finetune"]))
     with pytest.raises(ConfigError, match="Finetune.directions"):
-        module_for(tiny_cfg(data, tmp_path / "c", finetune_overrides(ckpt, "Finetune.directions=txt2img")))
+        prepare(tiny_cfg(data, tmp_path / "c", finetune_overrides(ckpt, "Finetune.directions=txt2img")))
     other_vocab = tmp_path / "vocab.txt"
     other_vocab.write_text("\n".join(SPECIAL + list("甲乙丙")) + "\n", encoding="utf-8")
     with pytest.raises(ConfigError, match=f"Finetune.init_from={ckpt}: Data.vocab_file={other_vocab} differs"):
-        module_for(tiny_cfg(data, tmp_path / "d", finetune_overrides(ckpt, f"Data.vocab_file={other_vocab}")))
+        prepare(tiny_cfg(data, tmp_path / "d", finetune_overrides(ckpt, f"Data.vocab_file={other_vocab}")))
     other_grid = write_tiny_vilg_data(tmp_path / "grid3", grid=3)
     with pytest.raises(ConfigError, match=f"Finetune.init_from={ckpt}: the checkpoint has Model.image_grid=4"):
-        module_for(tiny_cfg(other_grid, tmp_path / "e", finetune_overrides(ckpt)))
+        prepare(tiny_cfg(other_grid, tmp_path / "e", finetune_overrides(ckpt)))
 
 
 def test_finetune_starts_from_the_checkpoint_and_trains_the_chosen_directions(pretrained, tmp_path):
     data, ckpt = pretrained
     cfg = tiny_cfg(data, tmp_path / "ft", finetune_overrides(ckpt, "Model.hidden_size=64"))
-    module = module_for(cfg)
-    assert cfg.Model.hidden_size == 32  # the architecture comes from the checkpoint
+    module = prepare(cfg)
+    # the architecture comes from the checkpoint; the resolver returns a copy, the input is untouched
+    assert module.cfg.Model.hidden_size == 32 and cfg.Model.hidden_size == 64
     model = module.build_model()
     for key, value in load_model_state(ckpt).items():
         np.testing.assert_array_equal(model.state_dict()[key].numpy(), value.numpy())
     batch = next(iter(module.train_batches(0, 1)))
-    loss, logs = module.training_step(model, batch, 0)
+    loss, logs = module.training_step(StepContext(model, model, 0), batch)
     assert set(logs) == {"loss_img2txt"} and float(loss) == pytest.approx(logs["loss_img2txt"])
 
-    both = module_for(tiny_cfg(data, tmp_path / "ft2", finetune_overrides(ckpt, "Finetune.directions=both")))
-    loss2, logs2 = both.training_step(model, batch, 0)
+    both = prepare(tiny_cfg(data, tmp_path / "ft2", finetune_overrides(ckpt, "Finetune.directions=both")))
+    loss2, logs2 = both.training_step(StepContext(model, model, 0), batch)
     assert set(logs2) == {"loss_txt2img", "loss_img2txt"}
     assert logs2["loss_img2txt"] == pytest.approx(logs["loss_img2txt"], rel=1e-5)
     assert float(loss2) == pytest.approx(logs2["loss_txt2img"] + logs2["loss_img2txt"], rel=1e-5)
@@ -190,8 +193,8 @@ def test_finetune_starts_from_the_checkpoint_and_trains_the_chosen_directions(pr
 
 def test_caption_scores_follow_the_decoding_settings(pretrained):
     from ernie_vilg.data.token_shards import TokenShards
-    from ernie_vilg.generation.pipelines import load_bundle
-    from ernie_vilg.models.finetune_module import caption_scores
+    from ernie_vilg.pipeline import load_bundle
+    from ernie_vilg.generation.captions import caption_scores
 
     data, ckpt = pretrained
     bundle = load_bundle(ckpt)
@@ -210,7 +213,8 @@ def test_caption_scores_follow_the_decoding_settings(pretrained):
 
 @pytest.mark.slow
 def test_finetune_end_to_end_keeps_best_by_cider_and_beats_the_pretrained_model(pretrained, tmp_path):
-    from ernie_vilg.models.finetune_module import score_checkpoint
+    from ernie_vilg.generation.captions import score_bundle
+    from ernie_vilg.pipeline import load_bundle
 
     data, ckpt = pretrained
     train = data[1].split("=", 1)[1]
@@ -219,7 +223,8 @@ def test_finetune_end_to_end_keeps_best_by_cider_and_beats_the_pretrained_model(
         ckpt, f"Data.val_shards={train}", "Train.max_steps=80", "Train.eval_every=20", "Train.save_every=40",
         "Data.batch_size=8", "Optimizer.lr=0.003", "Optimizer.warmup_steps=5", "Train.eval_samples=32",
         "Generation.decode_strategy=beam", "Generation.beam_size=2", "Generation.max_text_len=16"))
-    trainer = Trainer(cfg, module_for(cfg))
+    module = prepare(cfg)
+    trainer = Trainer(module.cfg, module)
     trainer.fit()
     assert all(set(r) >= {"loss_img2txt"} and "loss_txt2img" not in r for r in trainer.history if r["split"] == "train")
     val = [r for r in trainer.history if r["split"] == "val"]
@@ -231,8 +236,8 @@ def test_finetune_end_to_end_keeps_best_by_cider_and_beats_the_pretrained_model(
     assert meta["step"] == max(val, key=lambda r: r["caption_CIDEr"])["step"]
     # the same split, the same decoding: the best folder scores what validation said, and
     # fine-tuning beats (or at worst equals) the pre-trained weights it started from
-    after, _ = score_checkpoint(best, train, cfg.Generation)
-    before, _ = score_checkpoint(ckpt, train, cfg.Generation)
+    after, _ = score_bundle(load_bundle(best), train, cfg.Generation)
+    before, _ = score_bundle(load_bundle(ckpt), train, cfg.Generation)
     assert after["caption_CIDEr"] == pytest.approx(meta["best_value"], rel=1e-6)
     print(f"CIDEr before {before['caption_CIDEr']:.2f} after {after['caption_CIDEr']:.2f}")
     assert after["caption_CIDEr"] >= before["caption_CIDEr"]

@@ -27,7 +27,7 @@ def ckpt(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def bundle(ckpt):
-    from ernie_vilg.generation.pipelines import load_bundle
+    from ernie_vilg.pipeline import load_bundle
 
     return load_bundle(ckpt, need_image_tokenizer=True)
 

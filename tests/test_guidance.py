@@ -245,20 +245,21 @@ def _vilg_cfg(tmp_path: Path, *extra: str):
 
 
 def test_a_training_step_with_cond_drop_gives_finite_losses_and_trains_the_null_embedding(tmp_path) -> None:
-    from ernie_vilg.models.module import VilgTrainModule
+    from ernie_vilg.stages import prepare
+    from ernie_vilg.training.module import StepContext
 
     cfg = _vilg_cfg(tmp_path, "Train.cond_drop=1.0")
-    module = VilgTrainModule(cfg)
+    module = prepare(cfg)
     model = module.build_model()
     batch = next(iter(module.train_batches(0, 1)))
-    loss, logs = module.training_step(model, batch, 0)
+    loss, logs = module.training_step(StepContext(model, model, 0), batch)
     assert np.isfinite(float(loss)) and all(np.isfinite(v) for v in logs.values())
     loss.backward()
     assert float(model.null_img_emb.grad.abs().sum()) > 0  # every i2t image was null
     # cond_drop 0: the plain streams, and null_img_emb still in the graph (zero gradient)
-    module0 = VilgTrainModule(_vilg_cfg(tmp_path / "zero"))
+    module0 = prepare(_vilg_cfg(tmp_path / "zero"))
     model0 = module0.build_model()
-    loss0, _ = module0.training_step(model0, batch, 0)
+    loss0, _ = module0.training_step(StepContext(model0, model0, 0), batch)
     plain = module0.losses(model0, batch)
     assert float(loss0) == pytest.approx(float(plain.total))
     loss0.backward()
@@ -266,12 +267,13 @@ def test_a_training_step_with_cond_drop_gives_finite_losses_and_trains_the_null_
 
 
 def test_training_with_cond_drop_resumes_and_an_old_checkpoint_loads(tmp_path) -> None:
-    from ernie_vilg.generation.pipelines import load_bundle
-    from ernie_vilg.training.module import module_for
+    from ernie_vilg.pipeline import load_bundle
+    from ernie_vilg.stages import prepare
     from ernie_vilg.training.trainer import Trainer
 
     cfg = _vilg_cfg(tmp_path, "Train.cond_drop=0.5", "Train.max_steps=2", "Train.save_every=2")
-    result = Trainer(cfg, module_for(cfg)).fit()
+    module = prepare(cfg)
+    result = Trainer(module.cfg, module).fit()
     ckpt = Path(result["checkpoint"])
     # make it an old checkpoint: no null_img_emb in the weights
     state = paddle.load(str(ckpt / "model.pdparams"))
@@ -282,7 +284,8 @@ def test_training_with_cond_drop_resumes_and_an_old_checkpoint_loads(tmp_path) -
     assert "null_img_emb" in bundle.model.state_dict()
     # and the Trainer resumes from it (weights and optimizer state without the parameter)
     cfg = _vilg_cfg(tmp_path, "Train.cond_drop=0.5", "Train.max_steps=3", "Train.save_every=3")
-    result = Trainer(cfg, module_for(cfg)).fit()
+    module = prepare(cfg)
+    result = Trainer(module.cfg, module).fit()
     assert int(result["step"]) == 3
 
 
@@ -296,6 +299,7 @@ def test_guidance_scales_benchmark_writes_the_table(tmp_path, monkeypatch) -> No
     from ernie_vilg.config import Config
     from ernie_vilg.data.shapes import make_item
     from ernie_vilg.data.token_shards import TokenShardWriter
+    from ernie_vilg import pipeline
     from ernie_vilg.generation import pipelines
     from ernie_vilg.text.tokenizer import TextTokenizer
     from ernie_vilg.text.vocab import build_vocab
@@ -324,7 +328,7 @@ def test_guidance_scales_benchmark_writes_the_table(tmp_path, monkeypatch) -> No
     for it in items:
         writer.add(r.integers(0, codebook, (grid, grid)), it["text"], it["texts"], {"attrs": it["attrs"]})
     writer.close()
-    monkeypatch.setattr(pipelines, "load_bundle", lambda ckpt, need_image_tokenizer=False: bundle)
+    monkeypatch.setattr(pipeline, "load_bundle", lambda ckpt, need_image_tokenizer=False: bundle)
     spec = importlib.util.spec_from_file_location("guidance_scales", REPO / "benchmarks" / "guidance_scales.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)

@@ -99,7 +99,8 @@ def relabel_first_tensor(path: Path, old: str, new: str) -> str:
 
 
 def test_safetensors_tensor_with_a_lying_dtype_label_is_refused_at_import(tmp_path):
-    from ernie_vilg.convert.safetensors_io import SafetensorsError, checkpoint_from_safetensors, checkpoint_to_safetensors
+    from ernie_vilg.safetensors_file import SafetensorsError
+    from ernie_vilg.convert.safetensors_io import checkpoint_from_safetensors, checkpoint_to_safetensors
 
     ckpt = make_checkpoint(tmp_path / "ckpts", tiny_vq_config())
     st = checkpoint_to_safetensors(ckpt, tmp_path / "vq.safetensors")

@@ -49,7 +49,7 @@ SLOW_SAVE = 0.25  # seconds each checkpoint fsync sleeps in the killed runs
 ZYGOTE = r"""
 import json, os, sys, time, traceback
 import paddle, paddlenlp  # noqa: F401  (imported once; every forked child shares them)
-import ernie_vilg.models.module, ernie_vilg.training.trainer  # noqa: F401
+import ernie_vilg.stages.vilg, ernie_vilg.training.trainer  # noqa: F401
 import ernie_vilg.training.checkpoint as ck
 from ernie_vilg.cli.train import main
 

@@ -202,11 +202,13 @@ def stage_cfg(tmp_path_factory):
 
 
 def test_module_resolves_sizes_and_trains_both_directions(stage_cfg) -> None:
-    from ernie_vilg.models.module import VilgTrainModule
+    from ernie_vilg.stages import prepare
+    from ernie_vilg.training.module import StepContext
 
-    module = VilgTrainModule(stage_cfg)
-    assert stage_cfg.Model.image_grid == 4 and stage_cfg.Model.image_vocab_size == 16
-    assert stage_cfg.Model.text_vocab_size == module.text_tokenizer.vocab_size
+    module = prepare(stage_cfg)
+    assert module.cfg.Model.image_grid == 4 and module.cfg.Model.image_vocab_size == 16
+    assert module.cfg.Model.text_vocab_size == module.text_tokenizer.vocab_size
+    assert stage_cfg.Model.image_grid == 0  # resolving returns a copy
     model = module.build_model()
     batches = module.train_batches(0, 1)
     it = iter(batches)
@@ -215,7 +217,7 @@ def test_module_resolves_sizes_and_trains_both_directions(stage_cfg) -> None:
     # texts are padded to the longest of the batch: [CLS] + 7 characters + [SEP] at most here
     text = batch["text_ids"].numpy()
     assert text.shape[0] == 4 and text.shape[1] <= 9 and (text[:, -1] != 0).any()
-    loss, logs = module.training_step(model, batch, 0)
+    loss, logs = module.training_step(StepContext(model, model, 0), batch)
     assert set(logs) == {"loss_txt2img", "loss_img2txt"}
     assert float(loss) == pytest.approx(logs["loss_txt2img"] + logs["loss_img2txt"], rel=1e-5)
     # resumable: the batch after a restored state is the batch that followed
@@ -227,9 +229,9 @@ def test_module_resolves_sizes_and_trains_both_directions(stage_cfg) -> None:
 
 
 def test_module_validate_and_save_extras(stage_cfg, tmp_path) -> None:
-    from ernie_vilg.models.module import VilgTrainModule
+    from ernie_vilg.stages import prepare
 
-    module = VilgTrainModule(stage_cfg)
+    module = prepare(stage_cfg)
     model = module.build_model()
     model.eval()
     with paddle.no_grad():

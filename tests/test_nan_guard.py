@@ -104,11 +104,12 @@ class PoisonedStage(ToyStage):
     bad_from = 6
     single_bad = 2
 
-    def training_step(self, model: paddle.nn.Layer, batch: dict[str, Any], step: int):
+    def training_step(self, ctx: Any, batch: dict[str, Any]):
+        step = ctx.step
         if step == self.single_bad or step >= self.bad_from:
             batch = {**batch, "x": np.where(np.arange(batch["x"].size).reshape(batch["x"].shape) == 0,
                                             np.nan, batch["x"]).astype("float32")}
-        return super().training_step(model, batch, step)
+        return super().training_step(ctx, batch)
 
 
 class GuardedTrainer(Trainer):

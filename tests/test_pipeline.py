@@ -48,7 +48,7 @@ def pipe(pretrained):
 def test_pretrained_folder_has_paddlenlp_layout_and_autotokenizer_loads_it(pretrained, ckpt) -> None:
     from paddlenlp.transformers import AutoTokenizer
 
-    from ernie_vilg.generation.pipelines import load_bundle
+    from ernie_vilg.pipeline import load_bundle
 
     names = {p.name for p in pretrained.iterdir()}
     assert {"config.json", "model_state.pdparams", "generation_config.json", "vocab.txt", "tokenizer_config.json",
@@ -68,10 +68,11 @@ def test_pretrained_folder_has_paddlenlp_layout_and_autotokenizer_loads_it(pretr
 
 @pytest.mark.parametrize("dtype, safetensors", [("bfloat16", False), ("float16", True), ("bfloat16", True)])
 def test_half_precision_pretrained_folders_load_cast_to_float32(ckpt, tmp_path, dtype, safetensors) -> None:
-    from ernie_vilg.generation.pipelines import load_bundle
+    from ernie_vilg.pipeline import load_bundle
     from ernie_vilg.generation.pipelines import save_pretrained
 
-    out = save_pretrained(ckpt, tmp_path / dtype, safetensors=safetensors, dtype=dtype)
+    out = save_pretrained(load_bundle(ckpt, need_image_tokenizer=True), tmp_path / dtype, safetensors=safetensors,
+                          dtype=dtype)
     assert (out / ("model.safetensors" if safetensors else "model_state.pdparams")).is_file()
     half, full = load_bundle(out), load_bundle(ckpt)
     tol = 1e-2 if dtype == "bfloat16" else 1e-3
@@ -102,7 +103,7 @@ def test_pretrained_folder_errors_are_one_line(tmp_path) -> None:
     broken.mkdir()
     (broken / "config.json").write_text('{"model_type": "ernie_vilg"}', encoding="utf-8")
     from ernie_vilg.config import ConfigError
-    from ernie_vilg.generation.pipelines import load_bundle
+    from ernie_vilg.pipeline import load_bundle
 
     with pytest.raises(ConfigError, match="generation_config.json"):
         load_bundle(broken)
@@ -189,7 +190,8 @@ def test_images_are_resized_to_the_size_the_tokenizer_was_trained_at(tmp_path) -
     """A vilg config may keep its base's Data.image_size (the quickstart's says 64 px, its
     tokenizer and shards are 48 px): images given to the tools must be resized so that the
     tokenizer makes the model's grid, or captioning fails on a token-count mismatch."""
-    from ernie_vilg.generation.pipelines import caption_images, load_bundle
+    from ernie_vilg.generation.pipelines import caption_images
+    from ernie_vilg.pipeline import load_bundle
 
     ckpt = write_tiny_checkpoint(tmp_path / "m", 0, "Data.image_size=64")
     bundle = load_bundle(ckpt, need_image_tokenizer=True)

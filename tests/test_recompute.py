@@ -3,7 +3,7 @@ import numpy as np
 import paddle
 import pytest
 
-from ernie_vilg.training.recompute import POLICIES, recompute_block, should_recompute
+from ernie_vilg.models.recompute import POLICIES, recompute_block, should_recompute
 
 
 class TinyBlock(paddle.nn.Layer):

@@ -11,7 +11,7 @@ from ernie_vilg.data.images import load_image
 from ernie_vilg.data.manifest import read_manifest
 from ernie_vilg.data.shapes import write_shapes_dataset
 from ernie_vilg.models.reranker import build_dual_encoder, load_reranker, rank_candidates
-from ernie_vilg.models.reranker_module import RerankerTrainModule
+from ernie_vilg.stages import prepare
 from ernie_vilg.training.trainer import Trainer
 
 TINY = ["Data.image_size=32", "Data.batch_size=32", "Data.max_text_len=48",
@@ -31,8 +31,8 @@ def trained(tmp_path_factory):
     cfg = load_config(None, TINY + [
         "Global.stage=reranker", f"Global.output_dir={root / 'run'}", "Train.max_steps=60",
         f"Data.train_manifest={data / 'train.jsonl'}", f"Data.val_manifest={data / 'val.jsonl'}"])
-    module = RerankerTrainModule(cfg)
-    trainer = Trainer(cfg, module)
+    module = prepare(cfg)
+    trainer = Trainer(module.cfg, module)
     result = trainer.fit()
     return {"root": root, "data": data, "result": result, "history": trainer.history, "cfg": cfg}
 
@@ -85,7 +85,8 @@ def test_rank_candidates_puts_the_described_image_first(trained):
 
 
 def test_filter_similarity_rule_with_a_trained_reranker(trained, tmp_path):
-    from ernie_vilg.data.filter import filter_manifest, reranker_scorer
+    from ernie_vilg.data.filter import filter_manifest
+    from ernie_vilg.models.reranker import reranker_scorer
 
     src = [json.loads(l) for l in (trained["data"] / "val.jsonl").read_text(encoding="utf-8").splitlines()][:24]
     lines = []

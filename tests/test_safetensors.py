@@ -16,13 +16,8 @@ import paddle
 import pytest
 
 from ernie_vilg.config import Config, load_config
-from ernie_vilg.convert.safetensors_io import (
-    SafetensorsError,
-    checkpoint_from_safetensors,
-    checkpoint_to_safetensors,
-    load_safetensors,
-    save_safetensors,
-)
+from ernie_vilg.safetensors_file import SafetensorsError, load_safetensors, save_safetensors
+from ernie_vilg.convert.safetensors_io import checkpoint_from_safetensors, checkpoint_to_safetensors
 from ernie_vilg.safe_pickle import UnsafePickleError, safe_load
 from ernie_vilg.checkpoint_io import CheckpointError, load_model_state, resolve_checkpoint, save_checkpoint
 

@@ -178,7 +178,6 @@ def tiny_eval(tmp_path, monkeypatch):
         writer.add(gold[i], it["text"], it["texts"], {"attrs": it["attrs"], "image": f"elsewhere/images/{i}.png"})
     writer.close()
     (data / "images" / "2.png").unlink()
-    monkeypatch.setattr(pipelines, "load_bundle", lambda ckpt, need_image_tokenizer=False: bundle)
     return {"shards": tmp_path / "test", "out": tmp_path / "eval", "data": data, "gold": gold,
             "bundle": bundle, "n": n, "size": size}
 
@@ -189,7 +188,7 @@ def test_evaluation_writes_the_page_grids_and_judge_gold(tiny_eval) -> None:
     from ernie_vilg.generation.pipelines import decode_image_ids
 
     t, n, k = tiny_eval, tiny_eval["n"], 2
-    metrics = evaluate_both_directions("unused", t["shards"], t["out"], max_items=n, seed=0, num_candidates=k)
+    metrics = evaluate_both_directions(t["bundle"], t["shards"], t["out"], max_items=n, seed=0, num_candidates=k)
     # the tokenizer's ceiling next to the generated images' scores
     for attr in JUDGE_ATTRS:
         assert 0.0 <= metrics[f"judge_gold_{attr}"] <= 1.0, attr
@@ -240,7 +239,7 @@ def test_evaluation_without_any_true_image_or_tokenizer_fallback_still_finishes(
     real = evaluate.true_images
     monkeypatch.setattr(evaluate, "true_images",
                         lambda records, manifest, image_tokenizer, size: real(records, manifest, None, size))
-    metrics = evaluate.evaluate_both_directions("unused", t["shards"], t["out"], max_items=t["n"])
+    metrics = evaluate.evaluate_both_directions(t["bundle"], t["shards"], t["out"], max_items=t["n"])
     assert metrics["true_images_missing"] == t["n"]
     p = parse(t["out"] / "samples" / "index.html")
     assert p.rows == list(range(t["n"])) and not p.true_labels  # no true image shown, none invented

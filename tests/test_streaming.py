@@ -147,7 +147,7 @@ def test_encode_texts_hook(tmp_path):
 
 
 def test_works_on_merged_prefixed_shards(tmp_path):
-    from ernie_vilg.data.parallel_tokenize import merge_shard_infos
+    from ernie_vilg.vq.parallel_tokenize import merge_shard_infos
 
     parts = []
     for w, (lo, hi) in enumerate([(0, 7), (7, 15)]):
@@ -168,7 +168,7 @@ def test_works_on_merged_prefixed_shards(tmp_path):
 # ------------------------------------------------------------------ parallel tokenization
 
 def test_split_manifest_cuts_at_line_starts(tmp_path):
-    from ernie_vilg.data.parallel_tokenize import split_manifest
+    from ernie_vilg.vq.parallel_tokenize import split_manifest
 
     m = tmp_path / "m.jsonl"
     lines = [json.dumps({"image": f"{i}.png", "text": "猫" * (i % 7 + 1)}, ensure_ascii=False) for i in range(50)]
@@ -190,10 +190,10 @@ def test_parallel_tokenize_equals_single_process(tmp_path):
     import paddle
 
     from ernie_vilg.config import load_config
-    from ernie_vilg.data.parallel_tokenize import tokenize_manifest_parallel
+    from ernie_vilg.vq.parallel_tokenize import tokenize_manifest_parallel
     from ernie_vilg.data.shapes import write_shapes_dataset
     from ernie_vilg.data.token_shards import TokenShards
-    from ernie_vilg.data.tokenize_images import tokenize_manifest
+    from ernie_vilg.vq.tokenize_images import tokenize_manifest
     from ernie_vilg.checkpoint_io import save_checkpoint
     from ernie_vilg.vq.registry import build_tokenizer
 
@@ -242,7 +242,7 @@ def test_linked_folders_read_all_rows_in_order_and_refuse_mismatches(tmp_path):
     import sys
     from pathlib import Path
 
-    from ernie_vilg.data.parallel_tokenize import link_shard_folders
+    from ernie_vilg.vq.parallel_tokenize import link_shard_folders
     from ernie_vilg.data.token_shards import TokenShards
 
     a, b = tmp_path / "a", tmp_path / "b"

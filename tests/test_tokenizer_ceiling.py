@@ -97,7 +97,7 @@ def test_ceiling_script_on_a_trained_tiny_tokenizer(tmp_path):
     spec.loader.exec_module(script)
     from ernie_vilg.config import load_config
     from ernie_vilg.data.shapes import write_shapes_dataset
-    from ernie_vilg.training.module import module_for
+    from ernie_vilg.stages import prepare
     from ernie_vilg.training.trainer import Trainer
 
     data = tmp_path / "data"
@@ -107,7 +107,8 @@ def test_ceiling_script_on_a_trained_tiny_tokenizer(tmp_path):
         f"Data.val_manifest={data / 'val.jsonl'}", "Data.image_size=32", "Train.max_steps=2",
         "Train.progress_bar=false",
     ])
-    Trainer(cfg, module_for(cfg)).fit()
+    module = prepare(cfg)
+    Trainer(module.cfg, module).fit()
     ckpt = sorted((tmp_path / "vq" / "checkpoints").glob("step-*"))[-1]
     out = tmp_path / "ceiling.json"
     assert script.main(["--ckpt", str(ckpt), "--manifest", str(data / "test.jsonl"), "--out", str(out)]) == 0

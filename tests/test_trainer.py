@@ -14,7 +14,9 @@ from ernie_vilg.checkpoint_io import (
     save_checkpoint,
     set_model_state,
 )
-from ernie_vilg.training.trainer import Trainer, learning_rate
+from ernie_vilg.training.schedule import learning_rate
+from ernie_vilg.training.module import TrainModule
+from ernie_vilg.training.trainer import Trainer
 
 
 class CountingBatches:
@@ -35,11 +37,8 @@ class CountingBatches:
         self.pos = s["pos"]
 
 
-class LinearStage:
+class LinearStage(TrainModule):
     name = "toy"
-
-    def __init__(self, cfg):
-        self.cfg = cfg
 
     def build_model(self):
         paddle.seed(self.cfg.Global.seed)
@@ -48,8 +47,8 @@ class LinearStage:
     def train_batches(self, rank, world_size):
         return CountingBatches(self.cfg.Global.seed)
 
-    def training_step(self, model, batch, step):
-        pred = model(paddle.to_tensor(batch["x"]))
+    def training_step(self, ctx, batch):
+        pred = ctx(paddle.to_tensor(batch["x"]))
         loss = paddle.mean((pred - paddle.to_tensor(batch["y"])) ** 2)
         return loss, {}
 
@@ -130,9 +129,11 @@ def test_warmup_then_cosine():
     assert lrs[4] == pytest.approx(1.0) and lrs[9] == pytest.approx(0.55) and lrs[14] == pytest.approx(0.1)
 
 
-def test_validate_gets_the_users_layer_not_the_distributed_wrapper(tmp_path):
+def test_stages_get_the_users_layer_and_forward_through_the_distributed_wrapper(tmp_path):
     """Fleet wraps the model (`_layers`) under dp / sharding; validation decodes through the
-    model's own methods and attributes, which a wrapper does not forward, so it gets the inner layer."""
+    model's own methods and attributes, which a wrapper does not forward, so it gets the inner layer.
+    A training step gets both: `ctx.model` (the inner layer) and `ctx(...)`, the wrapper's forward
+    (where DataParallel hooks its gradient reduction)."""
 
     class Wrapper(paddle.nn.Layer):  # stands in for paddle.DataParallel / Fleet's ShardingParallel
         def __init__(self, layers):
@@ -142,18 +143,24 @@ def test_validate_gets_the_users_layer_not_the_distributed_wrapper(tmp_path):
         def forward(self, *args):
             return self._layers(*args)
 
-    seen = []
+    seen, steps = [], []
 
     class RecordingStage(LinearStage):
         def validate(self, model, step):
             seen.append(model)
             return {"val_metric": float(step)}
 
+        def training_step(self, ctx, batch):
+            steps.append((ctx.step, ctx.model, ctx.forward))
+            return super().training_step(ctx, batch)
+
     cfg = make_cfg(tmp_path, 2, **{"Train.eval_every": 2})
     trainer = Trainer(cfg, RecordingStage(cfg))
     trainer.model = Wrapper(trainer.inner)
     trainer.fit()
     assert seen and all(m is trainer.inner for m in seen)
+    assert [s for s, _, _ in steps] == [0, 1]
+    assert all(m is trainer.inner and f is trainer.model for _, m, f in steps)
     assert [r["val_metric"] for r in trainer.history if r.get("split") == "val"][-1] == 2.0
 
 

@@ -28,7 +28,7 @@ def _image(record) -> np.ndarray:
 
 def test_vilg_validation_logs_prompt_grids_and_captions_beside_references(tmp_path) -> None:
     from ernie_vilg.config import load_config
-    from ernie_vilg.training.module import module_for
+    from ernie_vilg.stages import prepare
     from ernie_vilg.training.trainer import Trainer
 
     write_tiny_checkpoint(tmp_path / "fx")  # its tiny VQ tokenizer: 16 px -> 4 x 4 tokens, codebook 32
@@ -38,7 +38,8 @@ def test_vilg_validation_logs_prompt_grids_and_captions_beside_references(tmp_pa
         f"Data.val_shards={tmp_path / 'data' / 'train'}", f"Data.tokenizer_ckpt={tmp_path / 'fx/vq/step-00000001'}",
         "Data.image_size=16", "Data.batch_size=8", "Train.max_steps=2", "Train.eval_every=2", "Train.save_every=0",
         "Train.eval_samples=4", "Train.progress_bar=false", f"Global.output_dir={run}", "Generation.max_text_len=6"])
-    Trainer(cfg, module_for(cfg)).fit()
+    module = prepare(cfg)
+    Trainer(module.cfg, module).fit()
     reader = _read_vdl(run)
     tags = reader.get_tags()
     assert "val/prompts" in tags["image"] and {"val/captions", "val/prompt_list"} <= set(tags["text"])
@@ -60,7 +61,7 @@ def test_vilg_validation_logs_prompt_grids_and_captions_beside_references(tmp_pa
 def test_vq_validation_logs_originals_over_reconstructions(tmp_path) -> None:
     from ernie_vilg.config import load_config
     from ernie_vilg.data.shapes import write_shapes_dataset
-    from ernie_vilg.training.module import module_for
+    from ernie_vilg.stages import prepare
     from ernie_vilg.training.trainer import Trainer
 
     write_shapes_dataset(tmp_path / "shapes", 8, 4, 0, size=16)
@@ -69,7 +70,8 @@ def test_vq_validation_logs_originals_over_reconstructions(tmp_path) -> None:
         f"Data.train_manifest={tmp_path / 'shapes/train.jsonl'}", f"Data.val_manifest={tmp_path / 'shapes/val.jsonl'}",
         "Data.image_size=16", "Train.max_steps=1", "Train.eval_every=1", "Train.progress_bar=false",
         f"Global.output_dir={run}"])
-    Trainer(cfg, module_for(cfg)).fit()
+    module = prepare(cfg)
+    Trainer(module.cfg, module).fit()
     (grid,) = _read_vdl(run).get_data("image", "val/reconstructions")[:1]
     pairs = _image(grid)
     np.testing.assert_array_equal(pairs, np.asarray(Image.open(run / "samples" / "step-1.png").convert("RGB")))

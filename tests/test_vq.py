@@ -204,7 +204,8 @@ def test_vqvae_loss_is_reconstruction_mse_plus_quantizer_loss():
 
 def test_vq_train_module_steps_and_validates_on_shapes(tmp_path):
     from ernie_vilg.data.shapes import write_shapes_dataset
-    from ernie_vilg.vq.module import VQTrainModule
+    from ernie_vilg.stages.vq import VQTrainModule
+    from ernie_vilg.training.module import StepContext
 
     write_shapes_dataset(tmp_path / "data", 8, 4, 0, size=64, seed=0, progress=False)
     cfg = load_config(TINY, [
@@ -216,7 +217,7 @@ def test_vq_train_module_steps_and_validates_on_shapes(tmp_path):
     opt = paddle.optimizer.AdamW(1e-3, parameters=model.parameters())
     batches = iter(module.train_batches(0, 1))
     for step in range(2):
-        loss, logs = module.training_step(model, next(batches), step)
+        loss, logs = module.training_step(StepContext(model, model, step), next(batches))
         loss.backward()
         opt.step()
         opt.clear_grad()

@@ -22,7 +22,10 @@ from ernie_vilg.generation.decoding import (
 )
 from ernie_vilg.models.sparse_masks import Direction
 from ernie_vilg.models.transformer import ErnieViLG
-from ernie_vilg.models.vqa_module import answer_loss_mask, encode_qa, score_answers, vqa_loss
+from ernie_vilg.data.vqa_batches import encode_qa
+from ernie_vilg.generation.vqa import score_answers
+from ernie_vilg.models.losses import answer_loss_mask
+from ernie_vilg.stages.vqa import vqa_loss
 
 REPO = Path(__file__).resolve().parents[1]
 SPECIALS = TextSpecials(bos_id=2, eos_id=3, pad_id=0)
@@ -220,7 +223,7 @@ def write_tiny_vqa(root: Path, items: int = 48, grid: int = 4, codebook: int = 1
 
 def test_vqa_batches_are_resumable_and_carry_the_prefix(tmp_path: Path) -> None:
     from ernie_vilg.data.token_shards import TokenShards
-    from ernie_vilg.models.vqa_module import VqaBatches
+    from ernie_vilg.data.vqa_batches import VqaBatches
     from ernie_vilg.text.tokenizer import TextTokenizer
 
     write_tiny_vqa(tmp_path)
@@ -242,7 +245,7 @@ def test_vqa_batches_are_resumable_and_carry_the_prefix(tmp_path: Path) -> None:
 
 
 def test_init_from_vilg_matches_text_rows_by_token(tmp_path: Path) -> None:
-    from ernie_vilg.models.vqa_module import init_from_vilg
+    from ernie_vilg.training.warm_start import init_by_token as init_from_vilg
 
     src = tiny_model(seed=1)
     ckpt = tmp_path / "ckpt"

@@ -8,12 +8,13 @@ import paddle
 import pytest
 
 from ernie_vilg.config import Config, VQConfig, VQGANConfig
-from ernie_vilg.models.e2e import load_image_tokenizer
+from ernie_vilg.vq.registry import load_tokenizer
 from ernie_vilg.training.trainer import Trainer
 from ernie_vilg.vq.gan_losses import LPIPS, PatchDiscriminator, VQGANLoss, adaptive_weight, hinge_d_loss
-from ernie_vilg.vq.gan_module import DISC_WEIGHTS_FILE, VQGANTrainModule
+from ernie_vilg.stages.vqgan import DISCRIMINATOR, VQGANTrainModule
+from ernie_vilg.training.trainer import extra_files
 from ernie_vilg.vq.vqgan import VQGAN
-from issue6_fixtures import shapes_dir  # noqa: F401  (fixture)
+from shapes32_fixture import shapes_dir  # noqa: F401  (fixture)
 
 TINY = dict(hidden_channels=8, channel_mult=[1, 2], num_res_blocks=1, downsample_factor=8, patch_size=4,
             codebook_size=16, embed_dim=8, dead_code_steps=0)
@@ -74,7 +75,7 @@ def test_vqgan_stage_trains_discriminator_separately_and_checkpoint_is_a_plain_t
     result = Trainer(cfg, module).fit()
     assert "judge_all" in result["val"]
     assert any(not np.array_equal(d_before[k], v.numpy()) for k, v in module.discriminator.state_dict().items())
-    tok = load_image_tokenizer(result["checkpoint"])  # strict: no discriminator keys in model.pdparams
+    tok = load_tokenizer(result["checkpoint"])  # strict: no discriminator keys in model.pdparams
     assert isinstance(tok, VQGAN)
     from pathlib import Path
-    assert (Path(result["checkpoint"]) / DISC_WEIGHTS_FILE).is_file()
+    assert (Path(result["checkpoint"]) / extra_files(DISCRIMINATOR)[0]).is_file()

@@ -12,6 +12,8 @@ from typing import Any, Iterator
 import numpy as np
 import paddle
 
+from ernie_vilg.training.module import StepContext, TrainModule
+
 WIDTH = 16
 
 
@@ -46,11 +48,8 @@ class ToyNet(paddle.nn.Layer):
         return x.mean(axis=1, keepdim=True)
 
 
-class ToyStage:
+class ToyStage(TrainModule):
     name = "toy"
-
-    def __init__(self, cfg: Any) -> None:
-        self.cfg = cfg
 
     def build_model(self) -> paddle.nn.Layer:
         paddle.seed(self.cfg.Global.seed)
@@ -59,10 +58,13 @@ class ToyStage:
     def train_batches(self, rank: int, world_size: int) -> GlobalSliceBatches:
         return GlobalSliceBatches(self.cfg.Global.seed, self.cfg.Data.batch_size, rank, world_size)
 
-    def training_step(self, model: paddle.nn.Layer, batch: dict[str, Any], step: int):
-        pred = model(paddle.to_tensor(batch["x"]))
+    def training_step(self, ctx: StepContext, batch: dict[str, Any]):
+        pred = ctx(paddle.to_tensor(batch["x"]))
         loss = paddle.mean((pred - paddle.to_tensor(batch["y"])) ** 2)
-        return loss, {"tokens": float(batch["x"].shape[0])}
+        return loss, {}
+
+    def tokens(self, batch: dict[str, Any]) -> int:
+        return int(batch["x"].shape[0])
 
     def flops_per_token(self) -> float:
         return 6.0 * 4 * WIDTH * WIDTH

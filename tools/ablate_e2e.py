@@ -26,7 +26,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--fid-weights", default=None, help="folder with inception_fid.pdparams")
     p.add_argument("-o", dest="override", action="append", default=[])
     args = p.parse_args(argv)
-    from ernie_vilg.models.e2e_ablation import format_table, run_ablation
+    from ernie_vilg.experiments.table7 import format_table, run_ablation
     from ernie_vilg.runtime import setup_logging
 
     setup_logging()

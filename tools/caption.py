@@ -25,7 +25,8 @@ def main() -> int:
     args = parser.parse_args()
 
     def run() -> int:
-        from ernie_vilg.generation.pipelines import caption_images, load_bundle
+        from ernie_vilg.generation.pipelines import caption_images
+        from ernie_vilg.pipeline import load_bundle
         from ernie_vilg.runtime import configure_threads
 
         configure_threads(args.threads)

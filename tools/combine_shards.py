@@ -18,7 +18,7 @@ def main() -> int:
     args = parser.parse_args()
 
     def run() -> int:
-        from ernie_vilg.data.parallel_tokenize import link_shard_folders
+        from ernie_vilg.vq.parallel_tokenize import link_shard_folders
 
         info = link_shard_folders(args.sources, args.out)
         print(json.dumps({"out": args.out, "count": info["count"], "shards": len(info["shards"]),

@@ -40,8 +40,9 @@ def _from_safetensors(args: argparse.Namespace) -> int:
 
 def _to_pretrained(args: argparse.Namespace) -> int:
     from ernie_vilg.generation.pipelines import save_pretrained
+    from ernie_vilg.pipeline import load_bundle
 
-    print(save_pretrained(args.ckpt, args.out, args.safetensors, args.dtype))
+    print(save_pretrained(load_bundle(args.ckpt, need_image_tokenizer=True), args.out, args.safetensors, args.dtype))
     return 0
 
 
@@ -119,7 +120,7 @@ SUBCOMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], None], Cal
 def _known_errors() -> tuple[type[BaseException], ...]:
     """User errors: one line, exit code 2. CheckpointError joins once its module (paddle) is loaded."""
     from ernie_vilg.config import ConfigError
-    from ernie_vilg.convert.safetensors_io import SafetensorsError
+    from ernie_vilg.safetensors_file import SafetensorsError
     from ernie_vilg.convert.torch_pickle import CheckpointFormatError
     from ernie_vilg.safe_pickle import UnreadablePickleError, UnsafePickleError
 

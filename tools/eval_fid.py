@@ -17,7 +17,7 @@ import json
 import sys
 
 import ernie_vilg.cli.common  # noqa: F401  (quiets Paddle's import-time notices: errors stay one line)
-from ernie_vilg.convert.safetensors_io import SafetensorsError
+from ernie_vilg.safetensors_file import SafetensorsError
 from ernie_vilg.safe_pickle import UnreadablePickleError, UnsafePickleError
 from ernie_vilg.metrics.fid import DEFAULT_WEIGHTS_DIR, FIDError, evaluate_fid, write_caption_sample
 

@@ -26,7 +26,8 @@ def main() -> int:
     args = parser.parse_args()
 
     def run() -> int:
-        from ernie_vilg.data.filter import filter_manifest, reranker_scorer
+        from ernie_vilg.data.filter import filter_manifest
+        from ernie_vilg.models.reranker import reranker_scorer
 
         scorer = None
         if args.reranker:

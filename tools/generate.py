@@ -80,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def run() -> int:
         from ernie_vilg.generation.batch import BatchSettings, Prompt, generate_batch_to_folder, read_prompts
+        from ernie_vilg.pipeline import load_bundle
         from ernie_vilg.runtime import configure_threads
 
         configure_threads(args.threads)
@@ -90,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         settings = BatchSettings(batch_size=args.batch_size, num_candidates=args.num_candidates, keep=args.keep,
                                  seed=args.seed, rank_by=args.rank_by, progress=not args.no_progress)
         counts = generate_batch_to_folder(
-            args.ckpt, prompts, args.out, settings, reranker=args.reranker or None,
+            load_bundle(args.ckpt, need_image_tokenizer=True), prompts, args.out, settings, reranker=args.reranker or None,
             overrides={"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
                        "cfg_scale": args.cfg_scale},
             init_image=args.init_image, keep_rows=args.keep_rows, grid=bool(args.text))

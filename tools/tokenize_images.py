@@ -21,13 +21,13 @@ def main() -> int:
     args = parser.parse_args()
 
     def run() -> int:
-        from ernie_vilg.data.tokenize_images import tokenize_manifest
+        from ernie_vilg.vq.tokenize_images import tokenize_manifest
         from ernie_vilg.runtime import configure_threads, setup_logging
 
         setup_logging()
         configure_threads(args.threads)
         if args.workers > 1:
-            from ernie_vilg.data.parallel_tokenize import tokenize_manifest_parallel
+            from ernie_vilg.vq.parallel_tokenize import tokenize_manifest_parallel
 
             threads = max(1, args.threads // args.workers) if args.threads else 1
             summary = tokenize_manifest_parallel(

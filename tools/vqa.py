@@ -44,15 +44,17 @@ def main() -> int:
         parser.error("give --image + --question, --manifest or --shards")
 
     def run() -> int:
-        from ernie_vilg.models import vqa_module as vqa
+        from ernie_vilg.generation import vqa
         from ernie_vilg.runtime import configure_threads
 
         configure_threads(args.threads)
         if args.build_vocab:
-            tokens = vqa.build_vqa_vocab(args.manifest, args.build_vocab)
+            from ernie_vilg.text.vocab import build_vqa_vocab
+
+            tokens = build_vqa_vocab(args.manifest, args.build_vocab)
             print(f"wrote {args.build_vocab}: {len(tokens)} tokens")
             return 0
-        from ernie_vilg.generation.pipelines import load_bundle
+        from ernie_vilg.pipeline import load_bundle
 
         bundle = load_bundle(args.ckpt, need_image_tokenizer=not args.shards)
         if args.image:

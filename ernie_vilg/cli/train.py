@@ -38,13 +38,14 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     def run() -> int:
         from ernie_vilg.runtime import configure_threads, seed_everything, setup_logging
-        from ernie_vilg.training.module import module_for
+        from ernie_vilg.stages import prepare
         from ernie_vilg.training.trainer import Trainer
 
         setup_logging()
         configure_threads(cfg.Global.num_threads)
         seed_everything(cfg.Global.seed)
-        trainer = Trainer(cfg, module_for(cfg))
+        module = prepare(cfg)  # topology checked, then the config resolved, then the stage built
+        trainer = Trainer(module.cfg, module)
         result = trainer.fit()
         print(json.dumps(result, ensure_ascii=False, default=str))
         return 0

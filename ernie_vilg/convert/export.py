@@ -1,18 +1,22 @@
 """Inference export: static `paddle.jit` graphs of a checkpoint, loadable by Paddle Inference.
 
-What is exported (a documented subset; the sampling loop, KV cache and reranking stay in Python):
+Each stage says what it exports (its `StageSpec.export` hook in `ernie_vilg.stages`); a documented
+subset, the sampling loop, KV cache and reranking stay in Python:
 
-    vq_decoder       ids [B, h, w] int64 -> images [B, 3, H, W] float32 in [-1, 1]   (any B)
-    txt2img_logits   text_ids [B, L] int64, image_ids [B, n] int64 -> [B, n, V_img]
-    img2txt_logits   text_ids [B, L] int64, image_ids [B, n] int64 -> [B, L - 1, V_txt]
+    vq_decoder        ids [B, h, w] int64 -> images [B, 3, H, W] float32 in [-1, 1]   (any B)
+                      (vq, vqgan, dvae; and a vilg-family checkpoint's `image_tokenizer/`)
+    txt2img_logits    text_ids [B, L] int64, image_ids [B, n] int64 -> [B, n, V_img]
+    img2txt_logits    text_ids [B, L] int64, image_ids [B, n] int64 -> [B, L - 1, V_txt]
+                      (vilg, caption_finetune, vilg_e2e)
+    e2e_reconstruct   text_ids, image_ids -> the end-to-end reconstructor's image (vilg_e2e)
+    reranker_images / reranker_texts   images / text ids -> unit embeddings (reranker)
 
-A vq checkpoint gives `vq_decoder`; a vilg checkpoint gives the two transformer graphs and, when
-it carries its image tokenizer (`image_tokenizer/`), `vq_decoder` too. The transformer graphs are
-teacher-forced full streams: because the target segment is causal, row k of `txt2img_logits`
-depends only on the text and image_ids[:, :k], so one call with the tokens generated so far (the
-rest padded with any id) is one uncached decoding step (row k = the next token's logits).
-Their B and L are fixed at export time (`batch_size`, Model.max_text_len: pad texts with [PAD])
-because the model reshapes by the batch size.
+VQA has no graph (its question prefix changes the mask per sample; the registry says so). The
+transformer graphs are teacher-forced full streams: because the target segment is causal, row k
+of `txt2img_logits` depends only on the text and image_ids[:, :k], so one call with the tokens
+generated so far (the rest padded with any id) is one uncached decoding step. Their B and L are
+fixed at export time (`batch_size`, Model.max_text_len: pad texts with [PAD]) because the model
+reshapes by the batch size.
 
 Each graph is `out/<name>.json` (PIR program) + `out/<name>.pdiparams`; `out/export.json` lists
 inputs, outputs and shapes. Load with `paddle.jit.load(out/<name>)` or with Paddle Inference
@@ -22,14 +26,13 @@ reject these programs (unsupported attribute / fused-shape errors).
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
 import paddle
 
-from ernie_vilg.config import Config
+from ernie_vilg.config import Config, ConfigError
 
 EXPORT_INFO = "export.json"
 
@@ -38,44 +41,18 @@ class ExportError(ValueError):
     """A checkpoint that cannot be exported; the message names it."""
 
 
-@dataclass
-class GraphInfo:
-    name: str
-    inputs: list[dict[str, Any]]  # {"name", "shape" (-1 = any), "dtype"}
-    outputs: list[dict[str, Any]]
-    description: str
-
-
-class _VQDecoder(paddle.nn.Layer):
-    def __init__(self, tokenizer: Any) -> None:
-        super().__init__()
-        self.tokenizer = tokenizer
-
-    def forward(self, ids: paddle.Tensor) -> paddle.Tensor:
-        # = ImageTokenizer.decode_ids without the eager-only shape checks and no_grad wrapper
-        return paddle.clip(self.tokenizer._decode_ids(ids), -1.0, 1.0)
-
-
-class _Logits(paddle.nn.Layer):
-    def __init__(self, model: paddle.nn.Layer, direction: Any) -> None:
-        super().__init__()
-        self.model, self.direction = model, direction
-
-    def forward(self, text_ids: paddle.Tensor, image_ids: paddle.Tensor) -> paddle.Tensor:
-        return self.model(text_ids, image_ids, self.direction)
-
-
-def _save(layer: paddle.nn.Layer, specs: list[paddle.static.InputSpec], prefix: Path) -> None:
-    layer.eval()
-    static = paddle.jit.to_static(layer, input_spec=specs, full_graph=True)
+def _save(graph: Any, prefix: Path) -> dict[str, Any]:
+    graph.layer.eval()
+    static = paddle.jit.to_static(graph.layer, input_spec=graph.specs, full_graph=True)
     paddle.jit.save(static, str(prefix))
+    return {"name": graph.name, "inputs": graph.inputs, "outputs": graph.outputs, "description": graph.description}
 
 
 def _load_weights(ckpt: Path, cfg: Config) -> paddle.nn.Layer:
-    from ernie_vilg.convert.safetensors_io import build_model_for
     from ernie_vilg.checkpoint_io import load_model_state, set_model_state
+    from ernie_vilg.stages import build_bare_model
 
-    model = build_model_for(cfg)
+    model = build_bare_model(cfg, ckpt)
     set_model_state(model, load_model_state(ckpt), ckpt)
     model.eval()
     return model
@@ -90,44 +67,19 @@ def _tokenizer_folder(ckpt: Path) -> Optional[Path]:
     return folder if (folder / "model.pdparams").is_file() else None
 
 
-def export_vq_decoder(tokenizer_ckpt: Path, out: Path) -> GraphInfo:
-    from ernie_vilg.vq.registry import load_tokenizer
-    from ernie_vilg.checkpoint_io import load_checkpoint_config
+def _export_graphs(ckpt: Path, cfg: Config, out: Path, batch_size: int) -> list[dict[str, Any]]:
+    from ernie_vilg.stages import export_graphs
 
-    _, cfg = load_checkpoint_config(tokenizer_ckpt)
-    tokenizer = load_tokenizer(tokenizer_ckpt)
-    g = tokenizer.grid_size(cfg.Data.image_size)
-    _save(_VQDecoder(tokenizer), [paddle.static.InputSpec([None, g, g], "int64", "ids")], out / "vq_decoder")
-    size = cfg.Data.image_size
-    return GraphInfo("vq_decoder", [{"name": "ids", "shape": [-1, g, g], "dtype": "int64"}],
-                     [{"name": "images", "shape": [-1, 3, size, size], "dtype": "float32"}],
-                     "image token ids -> images in [-1, 1] (the VQ decoder)")
-
-
-def export_vilg(ckpt: Path, cfg: Config, out: Path, batch_size: int) -> list[GraphInfo]:
-    from ernie_vilg.models.sparse_masks import Direction
-
-    model = _load_weights(ckpt, cfg)
-    m = cfg.Model
-    L, n = m.max_text_len, m.image_grid ** 2
-    specs = [paddle.static.InputSpec([batch_size, L], "int64", "text_ids"),
-             paddle.static.InputSpec([batch_size, n], "int64", "image_ids")]
-    ins = [{"name": "text_ids", "shape": [batch_size, L], "dtype": "int64"},
-           {"name": "image_ids", "shape": [batch_size, n], "dtype": "int64"}]
-    _save(_Logits(model, Direction.TXT2IMG), specs, out / "txt2img_logits")
-    _save(_Logits(model, Direction.IMG2TXT), specs, out / "img2txt_logits")
-    return [
-        GraphInfo("txt2img_logits", ins, [{"name": "logits", "shape": [batch_size, n, m.image_vocab_size],
-                                           "dtype": "float32"}],
-                  "row k: logits of image token k given the text and image_ids[:, :k] (one uncached step)"),
-        GraphInfo("img2txt_logits", ins, [{"name": "logits", "shape": [batch_size, L - 1, m.text_vocab_size],
-                                           "dtype": "float32"}],
-                  "row j: logits of text token j + 1 given the image and text_ids[:, :j + 1]"),
-    ]
+    try:
+        graphs = export_graphs(_load_weights(ckpt, cfg), cfg, batch_size)
+    except ConfigError as exc:
+        raise ExportError(f"{ckpt}: {exc}") from None
+    return [_save(graph, out / graph.name) for graph in graphs]
 
 
 def export_checkpoint(ckpt: str | Path, out: str | Path, batch_size: int = 1) -> dict[str, Any]:
-    """Write the static graphs of a vq or vilg checkpoint into `out`; returns export.json's content."""
+    """Write the static graphs of a checkpoint into `out` (what its stage exports, plus the
+    decoder of a carried image tokenizer); returns export.json's content."""
     from ernie_vilg.checkpoint_io import load_checkpoint_config
 
     if batch_size < 1:
@@ -135,18 +87,12 @@ def export_checkpoint(ckpt: str | Path, out: str | Path, batch_size: int = 1) ->
     ckpt_dir, cfg = load_checkpoint_config(ckpt)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    stage = cfg.Global.stage
-    if stage == "vq":
-        graphs = [export_vq_decoder(ckpt_dir, out)]
-    elif stage == "vilg":
-        graphs = export_vilg(ckpt_dir, cfg, out, batch_size)
-        tokenizer = _tokenizer_folder(ckpt_dir)
-        if tokenizer is not None:
-            graphs.append(export_vq_decoder(tokenizer, out))
-    else:
-        raise ExportError(f"{ckpt_dir}: stage {stage!r} has no export (known: vq, vilg)")
-    info = {"checkpoint": str(ckpt_dir), "stage": stage, "paddle": paddle.__version__,
-            "graphs": [asdict(g) for g in graphs]}
+    graphs = _export_graphs(ckpt_dir, cfg, out, batch_size)
+    tokenizer = _tokenizer_folder(ckpt_dir)
+    if tokenizer is not None:
+        _, tok_cfg = load_checkpoint_config(tokenizer)
+        graphs += _export_graphs(tokenizer, tok_cfg, out, batch_size)
+    info = {"checkpoint": str(ckpt_dir), "stage": cfg.Global.stage, "paddle": paddle.__version__, "graphs": graphs}
     (out / EXPORT_INFO).write_text(json.dumps(info, ensure_ascii=False, indent=1), encoding="utf-8")
     return info
 

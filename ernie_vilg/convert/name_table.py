@@ -13,7 +13,6 @@ format does not have) and every shape matches. Errors are `ConversionError` nami
 """
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -82,16 +81,16 @@ def write_tokenizer_checkpoint(out: str | Path, cfg: Any, model: Any, state: dic
     import paddle
 
     from ernie_vilg.checkpoint_io import begin_checkpoint, commit_checkpoint
+    from ernie_vilg.vq.base import write_tokenizer_info
 
     own = model.state_dict()
     full = {k: paddle.to_tensor(state[k].astype(own[k].numpy().dtype)) if k in state else own[k] for k in own}
     model.set_state_dict(full)
     out = Path(out)
-    info = {"kind": cfg.VQ.kind, "codebook_size": model.codebook_size, "downsample_factor": model.downsample_factor,
-            "image_size": cfg.Data.image_size, "grid_size": model.grid_size(cfg.Data.image_size)}
+    model.grid_size(cfg.Data.image_size)  # the image size must divide by the downsample factor
 
     def extras(tmp: Path) -> None:
-        (tmp / "tokenizer.json").write_text(json.dumps(info, indent=1), encoding="utf-8")
+        write_tokenizer_info(model, cfg.Data.image_size, tmp)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp, final = begin_checkpoint(out.parent, 0, name=out.name)

@@ -26,7 +26,7 @@ Definitions (stated in full in docs/data.md):
   ，。、！？：；“”‘’（）《》…—·. Everything else is special: emoji, control characters
   (tab, newline), # @ $ & * + = _ ^ ~ ` | < > { } [ ] \\, ¥, 【】, full-width letters, private-use
   characters, accented Latin letters, kana, hangul.
-- Similarity (rule 4, optional): `Reranker.score` in [0, 1] (see models/reranker.py); kept when
+- Similarity (rule 4, optional): `Reranker.score` in [0, 1] (see models/reranker.py; `models.reranker.reranker_scorer` is that Scorer); kept when
   score > threshold (default 0.5, as in the paper).
 
 Output: kept lines go out as they came (only a relative `image` path is rewritten so that it
@@ -199,35 +199,6 @@ def _rebase_image(obj: dict[str, Any], src_dir: Path, dst_dir: Path) -> dict[str
 
 # Scorer: (image paths, texts) -> one similarity in [0, 1] per pair, or an exception message
 Scorer = Callable[[Sequence[str], Sequence[str]], Sequence[Any]]
-
-
-def reranker_scorer(ckpt: str | Path, batch_size: int = 64) -> Scorer:
-    """A Scorer backed by a trained reranker checkpoint (images loaded at its image size)."""
-    from ernie_vilg.data.images import ImageError, load_image
-    from ernie_vilg.models.reranker import load_reranker
-
-    reranker = load_reranker(ckpt)
-    size = reranker.image_size
-
-    def score(paths: Sequence[str], texts: Sequence[str]) -> list[Any]:
-        import numpy as np
-
-        out: list[Any] = [None] * len(paths)
-        images, ok = [], []
-        for i, p in enumerate(paths):
-            try:
-                images.append(load_image(p, size))
-                ok.append(i)
-            except ImageError as exc:
-                out[i] = ImageError(str(exc))
-        for start in range(0, len(ok), batch_size):
-            idx = ok[start: start + batch_size]
-            s = reranker.score(np.stack(images[start: start + batch_size]), [texts[i] for i in idx])
-            for i, v in zip(idx, s):
-                out[i] = float(v)
-        return out
-
-    return score
 
 
 def filter_manifest(

@@ -1,6 +1,6 @@
 """Generation in both directions: KV cache, logit filters, greedy / sampling / beam search loops,
 and the checkpoint pipelines behind tools/generate.py and tools/caption.py."""
-from ernie_vilg.generation.cache import KVCache, LayerKV
+from ernie_vilg.models.kv_cache import KVCache, LayerKV
 from ernie_vilg.generation.decoding import (
     SamplingParams,
     TextSpecials,

@@ -259,22 +259,22 @@ def merge_samples(out: str | Path, prompts: Sequence[Prompt]) -> int:
     return len(merged)
 
 
-def generate_batch_to_folder(ckpt: str | Path, prompts: Sequence[Prompt], out: str | Path, settings: BatchSettings,
+def generate_batch_to_folder(bundle: Any, prompts: Sequence[Prompt], out: str | Path, settings: BatchSettings,
                              reranker: Optional[str | Path] = None, overrides: Optional[dict[str, Any]] = None,
                              init_image: Optional[str | Path] = None, keep_rows: int = 0,
                              grid: bool = False) -> dict[str, int]:
-    """tools/generate.py (file layout in generation/batch.py): this rank's share of `prompts`
+    """tools/generate.py (file layout in generation/batch.py): this rank's share of `prompts`,
+    generated with the loaded checkpoint `bundle` (`VilgBundle`)
     (rank and world size from paddle.distributed.launch's environment). `grid`: also write
     grid.png of every kept image, one row per prompt (for a handful of --text prompts)."""
     from PIL import Image
 
-    from ernie_vilg.generation.pipelines import apply_sampling_overrides, image_prefix_ids, load_bundle, save_grid
-    from ernie_vilg.training.distributed import world_from_env
+    from ernie_vilg.generation.pipelines import apply_sampling_overrides, image_prefix_ids, save_grid
+    from ernie_vilg.runtime import world_from_env
 
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {out}: exists and is not a folder")
-    bundle = load_bundle(ckpt, need_image_tokenizer=True)
     apply_sampling_overrides(bundle.cfg, overrides or {})
     rr = None
     if reranker:

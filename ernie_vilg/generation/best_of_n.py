@@ -18,6 +18,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 import paddle
 
+from ernie_vilg.models.losses import caption_nll
 from ernie_vilg.models.sparse_masks import Direction
 
 RANK_SIGNALS = ("reranker", "likelihood", "both")
@@ -54,12 +55,9 @@ def caption_log_likelihood(model: Any, image_ids: np.ndarray, text_ids: np.ndarr
         text_ids = np.repeat(text_ids[None], len(image_ids), axis=0)
     if len(text_ids) != len(image_ids):
         raise ValueError(f"{len(image_ids)} image grids but {len(text_ids)} texts")
-    logits = model(paddle.to_tensor(text_ids), paddle.to_tensor(image_ids), Direction.IMG2TXT)  # [N, L-1, V]
-    logp = paddle.nn.functional.log_softmax(logits.astype("float32"), axis=-1).numpy()
-    targets = text_ids[:, 1:]  # row j predicts token j + 1
-    picked = np.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]  # [N, L-1]
-    mask = (targets != pad_id).astype(np.float64)
-    return (picked * mask).sum(1) / np.maximum(mask.sum(1), 1.0)
+    text = paddle.to_tensor(text_ids)
+    logits = model(text, paddle.to_tensor(image_ids), Direction.IMG2TXT)  # [N, L-1, V]
+    return -caption_nll(logits, text, pad_id, per_row=True).numpy().astype(np.float64)
 
 
 def _ranks(scores: np.ndarray) -> np.ndarray:

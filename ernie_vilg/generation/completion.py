@@ -2,7 +2,7 @@
 the rest for ANOTHER image's caption, and ask the shapes judge whether the result shows the new
 caption (and, for contrast, whether it still shows the old one).
 
-    python -m ernie_vilg.generation.completion --ckpt RUN/vilg --shards RUN/tokens/test \
+    python tools/complete.py --ckpt RUN/vilg --shards RUN/tokens/test \
         [--keep-rows 0 1 2 3] [--items 64] [--seed 0] [--pairing other|self] [--out completion.json]
 
 Pairing `other` (editing): item i keeps rows of its own true tokens and takes the caption of item
@@ -14,10 +14,7 @@ Results: docs/generation.md.
 """
 from __future__ import annotations
 
-import argparse
-import json
-import sys
-from typing import Any, Optional, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
@@ -64,46 +61,3 @@ def evaluate_completion(bundle: Any, records: Sequence[Any], keep_rows: Sequence
         out["keep_rows"][str(k)] = row
     bar.close()
     return out
-
-
-def main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--ckpt", required=True, help="vilg checkpoint folder, run folder or pretrained folder")
-    parser.add_argument("--shards", required=True, help="shapes-world token shards (e.g. RUN/tokens/test)")
-    parser.add_argument("--keep-rows", type=int, nargs="+", default=[0, 1, 2, 3])
-    parser.add_argument("--items", type=int, default=64, help="first N records (0 = all)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--pairing", choices=["other", "self"], default="other",
-                        help="other: another item's caption (editing); self: the item's own caption (completion)")
-    parser.add_argument("--cfg-scale", type=float, default=None, help="default: the checkpoint's")
-    parser.add_argument("--out", default=None, help="also write the result JSON here")
-    parser.add_argument("--threads", type=int, default=0)
-    args = parser.parse_args(argv)
-    from ernie_vilg.config import ConfigError
-    from ernie_vilg.data.token_shards import TokenShardError, TokenShards
-    from ernie_vilg.generation.pipelines import load_bundle
-    from ernie_vilg.runtime import configure_threads
-    from ernie_vilg.checkpoint_io import CheckpointError
-
-    configure_threads(args.threads)
-    try:
-        bundle = load_bundle(args.ckpt, need_image_tokenizer=True)
-        if args.cfg_scale is not None:
-            bundle.cfg.Generation.cfg_scale = args.cfg_scale
-        shards = TokenShards(args.shards)
-        count = len(shards) if args.items <= 0 else min(args.items, len(shards))
-        result = evaluate_completion(bundle, [shards[i] for i in range(count)], args.keep_rows, args.seed,
-                                     progress=True, pairing=args.pairing)
-    except (ConfigError, CheckpointError, TokenShardError, FileNotFoundError, ValueError) as exc:
-        parser.exit(2, f"completion: error: {' '.join(str(exc).split())}\n")
-    result["ckpt"] = str(bundle.ckpt_dir)
-    text = json.dumps(result, ensure_ascii=False, indent=1)
-    if args.out:
-        with open(args.out, "w", encoding="utf-8") as fh:
-            fh.write(text + "\n")
-    print(text)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -15,24 +15,11 @@ from typing import Any, Optional
 import numpy as np
 
 from ernie_vilg.config import Config
-from ernie_vilg.generation.decoding import SamplingParams, TextSpecials, generate_image_tokens, generate_text_tokens
+from ernie_vilg.generation.captions import decode_captions, references, score_caption_dicts
+from ernie_vilg.generation.decoding import SamplingParams, TextSpecials, generate_image_tokens
 from ernie_vilg.models.transformer import ErnieViLG
 
 log = logging.getLogger(__name__)
-EMPTY_CAPTION = "□"  # stands in for empty captions when scoring: it matches no reference character
-CAPTION_METRICS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr")
-
-
-def score_caption_dicts(preds: dict[str, str], refs: dict[str, list[str]], with_meteor: bool) -> dict[str, float]:
-    """Caption metrics at character level for {id: caption} against {id: [references]}; an empty
-    caption scores as a wrong one. Keys are prefixed `caption_`."""
-    from ernie_vilg.metrics.caption import has_content, score_captions
-
-    metrics = ("BLEU", "METEOR", "ROUGE-L", "CIDEr") if with_meteor else ("BLEU", "ROUGE-L", "CIDEr")
-    # an empty caption (e.g. [SEP] first, early in training) scores as a wrong one, not an error
-    preds = {k: v if has_content(v) else EMPTY_CAPTION for k, v in preds.items()}
-    scores = score_captions(preds, refs, tokenization="char", metrics=metrics)
-    return {f"caption_{k}": float(v) for k, v in scores.items() if k in CAPTION_METRICS and v is not None}
 
 
 def _judge(images: np.ndarray, records: list[Any]) -> tuple[dict[str, float], list[dict[str, Any]]]:
@@ -91,18 +78,10 @@ def caption_direction(model: ErnieViLG, text_tokenizer: Any, records: list[Any],
                       ) -> tuple[dict[str, float], dict[str, Any]]:
     """Greedy captions for the records' image ids, scored (`caption_*`); outputs `captions` and
     `references` ({index: ...}). `cfg_scale`: guidance (default Generation.caption_cfg_scale)."""
-    specials = TextSpecials(text_tokenizer.cls_id, text_tokenizer.sep_id, text_tokenizer.pad_id)
-    gen = cfg.Generation
-    scale = gen.caption_cfg_scale if cfg_scale is None else cfg_scale
-    preds, refs = {}, {}
-    for start in range(0, len(records), batch_size):
-        chunk = records[start:start + batch_size]
-        ids = np.stack([r.image_ids for r in chunk]).astype(np.int64)
-        seqs = generate_text_tokens(model, ids, specials, SamplingParams(greedy=True), gen.max_text_len,
-                                    cfg_scale=scale)
-        for i, (rec, seq) in enumerate(zip(chunk, seqs)):
-            preds[str(start + i)] = text_tokenizer.decode(seq)
-            refs[str(start + i)] = list(rec.texts) or [rec.text]
+    ids = np.stack([r.image_ids for r in records]).astype(np.int64)
+    captions = decode_captions(model, text_tokenizer, ids, cfg.Generation, "greedy", batch_size, cfg_scale=cfg_scale)
+    preds = {str(i): c for i, c in enumerate(captions)}
+    refs = {str(i): references(rec) for i, rec in enumerate(records)}
     return score_caption_dicts(preds, refs, with_meteor), {"captions": preds, "references": refs}
 
 
@@ -264,10 +243,10 @@ def gold_judgements(image_tokenizer: Any, records: list[Any]) -> tuple[dict[str,
     return metrics, rows
 
 
-def evaluate_both_directions(ckpt: str | Path, shards_dir: str | Path, out_dir: str | Path, max_items: int = 200,
+def evaluate_both_directions(bundle: Any, shards_dir: str | Path, out_dir: str | Path, max_items: int = 200,
                              seed: int = 0, num_candidates: int = 1, cfg_scale: Optional[float] = None,
                              caption_cfg_scale: Optional[float] = None) -> dict[str, float]:
-    """Score a checkpoint on held-out token shards; writes OUT/captions.jsonl, OUT/judgements.jsonl,
+    """Score a loaded checkpoint (`VilgBundle`) on held-out token shards; writes OUT/captions.jsonl, OUT/judgements.jsonl,
     OUT/samples/grid.png (first 64 generated images) and OUT/samples/grid_true.png (their true
     images), and OUT/samples/index.html (every item: sample, true image, captions, verdicts; see
     generation/sample_pages.py); with `num_candidates` > 1 also the best-of-N picks
@@ -278,10 +257,9 @@ def evaluate_both_directions(ckpt: str | Path, shards_dir: str | Path, out_dir: 
     import paddle
 
     from ernie_vilg.data.token_shards import TokenShards
-    from ernie_vilg.generation.pipelines import load_bundle, save_grid
+    from ernie_vilg.generation.pipelines import save_grid
     from ernie_vilg.generation.sample_pages import SampleRow, write_sample_page
 
-    bundle = load_bundle(ckpt)
     shards = TokenShards(shards_dir)
     records = [shards[i] for i in range(min(max_items, len(shards)))]
     with paddle.no_grad():
@@ -347,7 +325,7 @@ def validation_media(model: ErnieViLG, text_tokenizer: Any, image_tokenizer: Opt
     the images generated from their texts (bottom row), the prompts, and greedy captions of the
     true tokens beside their references. Without an image tokenizer: the texts only."""
     from ernie_vilg.generation.pipelines import decode_image_ids
-    from ernie_vilg.training.media import ValidationMedia, media_grid
+    from ernie_vilg.data.media import ValidationMedia, media_grid
 
     records = [shards[i] for i in range(min(items, len(shards)))]
     media = ValidationMedia()
@@ -356,11 +334,10 @@ def validation_media(model: ErnieViLG, text_tokenizer: Any, image_tokenizer: Opt
     gen = cfg.Generation
     specials = TextSpecials(text_tokenizer.cls_id, text_tokenizer.sep_id, text_tokenizer.pad_id)
     gold = np.stack([r.image_ids for r in records]).astype(np.int64)
-    seqs = generate_text_tokens(model, gold, specials, SamplingParams(greedy=True), gen.max_text_len)
-    captions = [text_tokenizer.decode(s) for s in seqs]
+    captions = decode_captions(model, text_tokenizer, gold, gen, "greedy", cfg_scale=1.0)
     rows = ["| # | generated caption | references |", "|---|---|---|"]
     for i, (rec, cap) in enumerate(zip(records, captions)):
-        refs = " / ".join(list(rec.texts) or [rec.text])
+        refs = " / ".join(references(rec))
         rows.append(f"| {i} | {cap or '(empty)'} | {refs} |".replace("\n", " "))
     media.texts["captions"] = "\n".join(rows)
     media.texts["prompt_list"] = "\n".join(f"{i}. {r.text}" for i, r in enumerate(records))

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import numpy as np
 import paddle
@@ -18,35 +18,33 @@ from ernie_vilg.config import Config, GenerationConfig
 from ernie_vilg.generation.decoding import (
     SamplingParams,
     TextSpecials,
-    beam_search_text_tokens,
     generate_image_tokens,
-    generate_text_tokens,
 )
 from ernie_vilg.models.transformer import ErnieViLG
 
-DECODE_STRATEGIES = ("greedy", "beam", "sampling")
 # stages whose checkpoints hold another model: --ckpt pointed at one says what it is
 NOT_VILG_STAGES = {"vq": "an image tokenizer", "vqgan": "an image tokenizer", "dvae": "an image tokenizer",
                    "reranker": "a reranker"}
 
 
+# (resolved config, checkpoint folder) -> the stage's bare model (`ernie_vilg.stages.build_bare_model`)
+ModelBuilder = Callable[[Config, Path], paddle.nn.Layer]
+
+
 @dataclass
 class VilgBundle:
     cfg: Config
-    model: ErnieViLG  # eval mode
+    model: ErnieViLG  # eval mode (ErnieViLG or a subclass: the end-to-end model)
     text_tokenizer: Any  # ernie_vilg.text.TextTokenizer
     image_tokenizer: Optional[Any]  # ernie_vilg.vq.base.ImageTokenizer (frozen), None if absent
     ckpt_dir: Path
+    tokenizer_dir: Optional[Path] = None  # where image_tokenizer was loaded from
 
     @property
     def image_size(self) -> int:
-        """Pixels per side of the images the model's token grid stands for (image_grid x the
-        tokenizer's downsample factor). Not the run's Data.image_size: a vilg run trains on token
-        shards and never reads that key, so its saved value is an unused default (64 px) while the
-        quickstart's shards come from 32 or 48 px images; captioning at 64 px fed 4x the tokens."""
-        if self.image_tokenizer is None or not self.cfg.Model.image_grid:
-            return self.cfg.Data.image_size
-        return self.cfg.Model.image_grid * int(self.image_tokenizer.downsample_factor)
+        """Pixels per side of the images the model's token grid stands for (Data.image_size,
+        made consistent with the grid when the checkpoint was loaded: `_match_image_size`)."""
+        return self.cfg.Data.image_size
 
     @property
     def specials(self) -> TextSpecials:
@@ -67,24 +65,17 @@ def _tokenizer_dir(ckpt: Path, cfg: Config) -> Optional[Path]:
     return next((c for c in candidates if (c / "model.pdparams").is_file()), None)
 
 
-def _tokenizer_image_size(tok_dir: Path, cfg: Config) -> int:
-    from ernie_vilg.checkpoint_io import load_checkpoint_config
-
-    try:
-        return load_checkpoint_config(tok_dir)[1].Data.image_size
-    except Exception:  # an odd copy without a readable config: the run's own value
-        return cfg.Data.image_size
-
-
-def load_bundle(ckpt: str | Path, need_image_tokenizer: bool = False) -> VilgBundle:
+def bundle_from_checkpoint(ckpt: str | Path, build_model: ModelBuilder, need_image_tokenizer: bool = False
+                           ) -> VilgBundle:
     """Model, text tokenizer and image tokenizer from a checkpoint folder (or its parent run), or
-    from a pretrained folder (generation/pretrained.py). Weights saved in float16 / bfloat16 are
-    cast to the model's dtype."""
+    from a pretrained folder (generation/pretrained.py); `build_model` makes the stage's bare model
+    (`ernie_vilg.pipeline.load_bundle` passes the stage registry's). Weights saved in float16 /
+    bfloat16 are cast to the model's dtype."""
     from ernie_vilg.generation.pretrained import (
         IMAGE_TOKENIZER_DIR, is_pretrained_dir, load_pretrained_config, load_pretrained_weights,
     )
     from ernie_vilg.text.tokenizer import TextTokenizer
-    from ernie_vilg.checkpoint_io import load_checkpoint_config, load_model_state, set_model_state
+    from ernie_vilg.checkpoint_io import CheckpointError, load_checkpoint_config, load_model_state, set_model_state
 
     if is_pretrained_dir(ckpt):
         ckpt_dir, cfg = Path(ckpt), load_pretrained_config(ckpt)
@@ -94,8 +85,6 @@ def load_bundle(ckpt: str | Path, need_image_tokenizer: bool = False) -> VilgBun
     else:
         ckpt_dir, cfg = load_checkpoint_config(ckpt)
         if cfg.Global.stage in NOT_VILG_STAGES:
-            from ernie_vilg.checkpoint_io import CheckpointError
-
             raise CheckpointError(f"{ckpt_dir}: {NOT_VILG_STAGES[cfg.Global.stage]} checkpoint (Global.stage "
                                   f"{cfg.Global.stage}), not an ERNIE-ViLG one: pass the vilg run folder "
                                   "(e.g. runs/quickstart/vilg)")
@@ -111,27 +100,26 @@ def load_bundle(ckpt: str | Path, need_image_tokenizer: bool = False) -> VilgBun
     elif need_image_tokenizer:
         raise FileNotFoundError(f"{ckpt_dir}: no image tokenizer (neither image_tokenizer/ nor "
                                 f"Data.tokenizer_ckpt={cfg.Data.tokenizer_ckpt!r} has model.pdparams)")
-    if cfg.Model.text_vocab_size == 0:
-        cfg.Model.text_vocab_size = text_tokenizer.vocab_size
-    if image_tokenizer is not None and cfg.Model.image_vocab_size == 0:
-        cfg.Model.image_vocab_size = image_tokenizer.codebook_size
-    if image_tokenizer is not None and cfg.Model.image_grid == 0:
-        # the size the tokenizer was trained at: a vilg run's own Data.image_size is unused (see image_size)
-        cfg.Model.image_grid = image_tokenizer.grid_size(_tokenizer_image_size(tok_dir, cfg))
+    # the saved config is the resolved one: sizes are never derived again here
+    for key in ("text_vocab_size", "image_vocab_size", "image_grid"):
+        if getattr(cfg.Model, key) <= 0:
+            raise CheckpointError(f"{ckpt_dir}: config.yaml has Model.{key}={getattr(cfg.Model, key)}: not the "
+                                  "resolved config of a trained checkpoint")
     if image_tokenizer is not None:
-        _match_image_size(cfg, image_tokenizer, tok_dir)
-    model = ErnieViLG(cfg.Model)
+        _match_image_size(cfg, image_tokenizer)
+    model = build_model(cfg, ckpt_dir)
     set_model_state(model, load_state(ckpt_dir), ckpt_dir)
     model.eval()
-    return VilgBundle(cfg, model, text_tokenizer, image_tokenizer, ckpt_dir)
+    return VilgBundle(cfg, model, text_tokenizer, image_tokenizer, ckpt_dir, tok_dir)
 
 
-def _match_image_size(cfg: Config, image_tokenizer: Any, tok_dir: Path) -> None:
+def _match_image_size(cfg: Config, image_tokenizer: Any) -> None:
     """Images given to the tools are resized to Data.image_size before the VQ encoder; that size
-    must give the model's token grid. A vilg config may carry its base's image size while its
-    token shards were made at the tokenizer's (the quickstart: 64 px in the config, 48 px shards),
-    so when the two disagree Data.image_size becomes the size the grid stands for
-    (`VilgBundle.image_size`: image_grid x the tokenizer's downsample factor)."""
+    must give the model's token grid. Checkpoints resolved before the stage registry carry their
+    base config's image size while their token shards were made at the tokenizer's (the
+    quickstart: 64 px in the config, 48 px shards); for those Data.image_size becomes the size the
+    grid stands for (image_grid x the tokenizer's downsample factor). The vilg resolver now saves
+    the shards' size."""
     grid = cfg.Model.image_grid
     if image_tokenizer.grid_size(cfg.Data.image_size) != grid:
         cfg.Data.image_size = grid * int(image_tokenizer.downsample_factor)
@@ -182,20 +170,10 @@ def captions_from_ids(bundle: VilgBundle, image_ids: np.ndarray, strategy: Optio
                       seed: int = 0, cfg_scale: Optional[float] = None) -> list[str]:
     """Captions for image token grids [B, h, w] with Generation.decode_strategy (or `strategy`),
     guided with `cfg_scale` (default Generation.caption_cfg_scale; 1 = no guidance)."""
-    gen = bundle.cfg.Generation
-    scale = gen.caption_cfg_scale if cfg_scale is None else cfg_scale
-    strategy = strategy or gen.decode_strategy
-    if strategy not in DECODE_STRATEGIES:
-        raise ValueError(f"Generation.decode_strategy: unknown {strategy!r} (known: {', '.join(DECODE_STRATEGIES)})")
-    if strategy == "beam":
-        seqs = beam_search_text_tokens(bundle.model, image_ids, bundle.specials, gen.beam_size,
-                                       gen.length_penalty, gen.max_text_len, cfg_scale=scale)
-    else:
-        params = SamplingParams(greedy=strategy == "greedy", temperature=gen.temperature, top_k=gen.top_k,
-                                top_p=gen.top_p)
-        seqs = generate_text_tokens(bundle.model, image_ids, bundle.specials, params, gen.max_text_len, seed,
-                                    cfg_scale=scale)
-    return [bundle.text_tokenizer.decode(s) for s in seqs]
+    from ernie_vilg.generation.captions import decode_captions
+
+    return decode_captions(bundle.model, bundle.text_tokenizer, image_ids, bundle.cfg.Generation, strategy,
+                           batch_size=len(image_ids) or 1, seed=seed, cfg_scale=cfg_scale)
 
 
 def caption_images(bundle: VilgBundle, image_paths: Sequence[str | Path], strategy: Optional[str] = None,
@@ -267,15 +245,10 @@ def image_prefix_ids(bundle: VilgBundle, image_path: str | Path, keep_rows: int)
     return ids[:keep_rows].reshape(-1).astype(np.int64)
 
 
-def save_pretrained(ckpt: str | Path, out: str | Path, safetensors: bool = False, dtype: Optional[str] = None
+def save_pretrained(bundle: VilgBundle, out: str | Path, safetensors: bool = False, dtype: Optional[str] = None
                     ) -> Path:
     """tools/convert_checkpoint.py to-pretrained: the pretrained folder (generation/pretrained.py)
-    of a vilg checkpoint folder, its run folder, or another pretrained folder."""
-    from ernie_vilg.generation.pretrained import IMAGE_TOKENIZER_DIR, is_pretrained_dir, write_pretrained
+    of a loaded vilg checkpoint folder, run folder, or pretrained folder."""
+    from ernie_vilg.generation.pretrained import write_pretrained
 
-    bundle = load_bundle(ckpt, need_image_tokenizer=True)
-    if is_pretrained_dir(bundle.ckpt_dir):
-        tok_dir: Optional[Path] = bundle.ckpt_dir / IMAGE_TOKENIZER_DIR
-    else:
-        tok_dir = _tokenizer_dir(bundle.ckpt_dir, bundle.cfg)
-    return write_pretrained(bundle, tok_dir, out, safetensors, dtype)
+    return write_pretrained(bundle, bundle.tokenizer_dir, out, safetensors, dtype)

@@ -66,7 +66,7 @@ def write_pretrained(bundle: Any, image_tokenizer_dir: Path, out: str | Path, sa
         state = {k: v.astype(dtype) if paddle.is_floating_point(v) else v for k, v in state.items()}
     weight_dtype = dtype or "float32"
     if safetensors:
-        from ernie_vilg.convert.safetensors_io import save_safetensors
+        from ernie_vilg.safetensors_file import save_safetensors
 
         save_safetensors(state, tmp / WEIGHTS_SAFETENSORS, {"format": "pd", "model_type": MODEL_TYPE})
     else:
@@ -114,7 +114,7 @@ def load_pretrained_weights(path: str | Path) -> dict[str, Any]:
     from ernie_vilg.checkpoint_io import CheckpointError
 
     if (path / WEIGHTS_SAFETENSORS).is_file():
-        from ernie_vilg.convert.safetensors_io import load_safetensors
+        from ernie_vilg.safetensors_file import load_safetensors
 
         return load_safetensors(path / WEIGHTS_SAFETENSORS)[0]
     if (path / WEIGHTS_PDPARAMS).is_file():

@@ -47,7 +47,7 @@ from ernie_vilg.models.sparse_masks import (
 )
 
 if TYPE_CHECKING:  # the cache lives with the decoding loops; the model only reads/writes it
-    from ernie_vilg.generation.cache import LayerKV
+    from ernie_vilg.models.kv_cache import LayerKV
 
 Tensor = paddle.Tensor
 # decoding steps of streams up to this many positions score the whole cache under a mask instead of

@@ -29,40 +29,13 @@ from typing import Any
 import paddle
 import paddle.nn as nn
 
-from ernie_vilg.config import ConfigError, E2EConfig, ModelConfig, VQConfig
+from ernie_vilg.config import ConfigError, E2EConfig, ModelConfig
 from ernie_vilg.models.sparse_masks import Direction
 from ernie_vilg.models.transformer import ErnieViLG
+from ernie_vilg.vq.registry import build_tokenizer
 
 Tensor = paddle.Tensor
 REC_LOSSES = ("mse", "l1")
-
-
-def build_image_tokenizer(vq_cfg: VQConfig) -> Any:
-    """`vq.base.build_tokenizer`, falling back to this issue's builders for kinds the registry
-    does not list yet (vqgan, vqgan_gumbel, dvae)."""
-    from ernie_vilg.vq.registry import TOKENIZERS, build_tokenizer
-
-    if vq_cfg.kind in TOKENIZERS:
-        return build_tokenizer(vq_cfg)
-    if vq_cfg.kind in ("vqgan", "vqgan_gumbel"):
-        from ernie_vilg.vq.vqgan import build_vqgan
-
-        return build_vqgan(vq_cfg)
-    if vq_cfg.kind == "dvae":
-        from ernie_vilg.vq.dvae import build_dvae
-
-        return build_dvae(vq_cfg)
-    return build_tokenizer(vq_cfg)  # raises the registry's ConfigError
-
-
-def load_image_tokenizer(ckpt_dir: Any) -> Any:
-    """`vq.base.load_tokenizer` for every tokenizer kind (see build_image_tokenizer)."""
-    from ernie_vilg.checkpoint_io import load_checkpoint_config, load_model_state, set_model_state
-
-    ckpt, cfg = load_checkpoint_config(ckpt_dir)
-    tokenizer = build_image_tokenizer(cfg.VQ)
-    set_model_state(tokenizer, load_model_state(ckpt), ckpt)
-    return tokenizer.freeze()
 
 
 def embedding_dim(tokenizer: Any) -> int:
@@ -81,7 +54,7 @@ class Reconstructor(nn.Layer):
         self.mapping = nn.Sequential(nn.Linear(hidden_size, mlp_hidden), nn.GELU(), nn.Linear(mlp_hidden, z_dim))
         # a trainable copy of the whole tokenizer; only its decode_embeddings path is used (the
         # encoder / codebook of the copy receive no gradient and stay as initialised)
-        decoder = copy.deepcopy(tokenizer) if init_from_tokenizer else build_image_tokenizer(tokenizer.cfg)
+        decoder = copy.deepcopy(tokenizer) if init_from_tokenizer else build_tokenizer(tokenizer.cfg)
         decoder.train()
         for p in decoder.parameters():
             p.stop_gradient = False

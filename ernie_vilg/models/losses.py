@@ -35,6 +35,36 @@ def token_nll(logits: Tensor, targets: Tensor, loss_mask: Tensor | None = None) 
     return (nll * mask).sum() / paddle.clip(mask.sum(), min=1.0)
 
 
+def caption_nll(text_logits: Tensor, text_ids: Tensor, pad_id: int, per_row: bool = False) -> Tensor:
+    """NLL of a text under image-to-text logits: the one caption likelihood of the project (the
+    criterion's img2txt term, caption fine-tuning, best-of-N's likelihood signal).
+
+    text_logits [B, L - 1, V] (row j predicts text_ids[:, j + 1]), text_ids [B, L] padded with
+    `pad_id`; the targets are w_1 .. [SEP], padding excluded. Mean per target token over the batch,
+    or per row ([B], `per_row`)."""
+    targets = text_ids[:, 1:]  # [B, L - 1]: w_1 .. [SEP] then padding
+    mask = targets != pad_id
+    if not per_row:
+        return token_nll(text_logits, targets, mask)
+    nll = F.cross_entropy(text_logits.astype("float32"), targets.unsqueeze(-1), reduction="none").squeeze(-1)
+    m = mask.astype("float32")
+    return (nll * m).sum(1) / paddle.clip(m.sum(1), min=1.0)
+
+
+def answer_loss_mask(text_ids: Tensor, text_prefix: Tensor, pad_id: int) -> Tensor:
+    """bool [B, L - 1] of a VQA stream `[CLS] question [SEP] answer [SEP] [PAD]..`: row j
+    (predicting text j + 1) counts iff j + 1 is an answer position (>= the prefix length P) and not
+    padding."""
+    target_pos = paddle.arange(1, text_ids.shape[1]).unsqueeze(0)  # [1, L - 1]
+    in_answer = target_pos >= text_prefix.reshape([-1, 1]).astype(target_pos.dtype)  # [B, L - 1]
+    return paddle.logical_and(in_answer, text_ids[:, 1:] != pad_id)
+
+
+def answer_nll(text_logits: Tensor, text_ids: Tensor, text_prefix: Tensor, pad_id: int) -> Tensor:
+    """Mean NLL per answer token (answer + its [SEP]) of VQA streams; question and padding excluded."""
+    return token_nll(text_logits, text_ids[:, 1:], answer_loss_mask(text_ids, text_prefix, pad_id))
+
+
 class VilgCriterion(nn.Layer):
     """(image logits, image ids, text logits, text ids) -> VilgLoss."""
 
@@ -51,8 +81,7 @@ class VilgCriterion(nn.Layer):
         (row j predicts text_ids[:, j + 1]), text_ids [B, L] padded with `pad_id`."""
         image_targets = image_ids.reshape([image_ids.shape[0], -1])  # [B, h, w] -> [B, n]
         loss_t2i = token_nll(image_logits, image_targets)
-        text_targets = text_ids[:, 1:]  # [B, L - 1]: w_1 .. [SEP] then padding
-        loss_i2t = token_nll(text_logits, text_targets, text_targets != self.pad_id)
+        loss_i2t = caption_nll(text_logits, text_ids, self.pad_id)
         # weights of 1.0 multiply exactly: the default is the paper's sum bit for bit
         return VilgLoss(self.txt2img_weight * loss_t2i + self.img2txt_weight * loss_i2t, loss_t2i, loss_i2t)
 

@@ -31,6 +31,7 @@ import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
 
+from ernie_vilg.data.filter import Scorer
 from ernie_vilg.config import ConfigError, RerankerConfig
 
 RERANKER_INFO_FILE = "reranker.json"
@@ -220,3 +221,32 @@ def load_reranker(ckpt: str | Path) -> Reranker:
     model = build_dual_encoder(cfg.Reranker, tokenizer.vocab_size, info["max_text_len"], tokenizer.pad_id)
     set_model_state(model, load_model_state(ckpt_dir), ckpt_dir)
     return Reranker(model, tokenizer, info["image_size"], info["max_text_len"])
+
+
+def reranker_scorer(ckpt: str | Path, batch_size: int = 64) -> Scorer:
+    """The paper's filter rule 4 (`data.filter.Scorer`) backed by a trained reranker checkpoint
+    (images loaded at its image size)."""
+    from ernie_vilg.data.images import ImageError, load_image
+
+    reranker = load_reranker(ckpt)
+    size = reranker.image_size
+
+    def score(paths: Sequence[str], texts: Sequence[str]) -> list[Any]:
+        import numpy as np
+
+        out: list[Any] = [None] * len(paths)
+        images, ok = [], []
+        for i, p in enumerate(paths):
+            try:
+                images.append(load_image(p, size))
+                ok.append(i)
+            except ImageError as exc:
+                out[i] = ImageError(str(exc))
+        for start in range(0, len(ok), batch_size):
+            idx = ok[start: start + batch_size]
+            s = reranker.score(np.stack(images[start: start + batch_size]), [texts[i] for i in idx])
+            for i, v in zip(idx, s):
+                out[i] = float(v)
+        return out
+
+    return score

@@ -55,6 +55,8 @@ from enum import Enum
 import numpy as np
 import paddle
 
+from ernie_vilg.config import ATTENTION_IMPLS
+
 
 class Direction(str, Enum):
     TXT2IMG = "txt2img"
@@ -73,7 +75,6 @@ class LayerKind(str, Enum):
     CONV = "conv"
 
 
-ATTENTION_IMPLS = ("dense", "sparse_reference", "sparse_blockwise")
 
 
 def layer_kinds(num_layers: int, attention_impl: str) -> list[LayerKind]:

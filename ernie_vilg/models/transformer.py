@@ -45,10 +45,10 @@ from ernie_vilg.models.sparse_masks import (
     layer_kinds,
     mean_visible_keys,
 )
-from ernie_vilg.training.recompute import POLICIES as RECOMPUTE_MODES, recompute_block
+from ernie_vilg.models.recompute import POLICIES as RECOMPUTE_MODES, recompute_block
 
 if TYPE_CHECKING:
-    from ernie_vilg.generation.cache import KVCache
+    from ernie_vilg.models.kv_cache import KVCache
 
 Tensor = paddle.Tensor
 BOTH = "both"  # `ErnieViLG.forward` direction: both directions' logits from one pass
@@ -374,7 +374,7 @@ class ErnieViLG(nn.Layer):
 
     def new_cache(self, direction: Direction | str, batch_size: int, text_len: int | None = None) -> KVCache:
         """An empty cache for a stream with `text_len` text positions (default: max_text_len)."""
-        from ernie_vilg.generation.cache import KVCache
+        from ernie_vilg.models.kv_cache import KVCache
 
         return KVCache.allocate(self.layout(Direction(direction), text_len), len(self.blocks), batch_size,
                                 self.cfg.num_heads, self.cfg.hidden_size // self.cfg.num_heads,

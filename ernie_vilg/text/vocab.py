@@ -3,6 +3,8 @@ character, lower-cased ASCII words, and single-character pieces (`x`, `##x`) so 
 the builder saw can still be spelled when a whole-word entry is missing."""
 from __future__ import annotations
 
+import json
+import tempfile
 from collections import Counter
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -48,3 +50,19 @@ def build_vocab(manifests: Sequence[str | Path], out: str | Path, min_count: int
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     Path(out).write_text("\n".join(tokens) + "\n", encoding="utf-8")
     return tokens
+
+
+def build_vqa_vocab(manifests: Sequence[str | Path], out: str | Path) -> list[str]:
+    """WordPiece vocab over the questions and answers of VQA manifests (tools/build_vocab.py reads
+    only `text` / `texts`, i.e. the answers)."""
+    from ernie_vilg.data.manifest import iter_manifest
+
+    with tempfile.TemporaryDirectory() as tmp:
+        qa = Path(tmp) / "qa.jsonl"
+        with qa.open("w", encoding="utf-8") as fh:
+            for manifest in manifests:
+                for rec in iter_manifest(Path(manifest)):
+                    texts = [str(rec.extra.get("question", "")), rec.text, *rec.texts]
+                    fh.write(json.dumps({"image": "x.png", "text": texts[0] or rec.text, "texts": texts},
+                                        ensure_ascii=False) + "\n")
+        return build_vocab([qa], out)

@@ -22,12 +22,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 from dataclasses import dataclass
 from typing import Any, Iterator, Optional
 
 import paddle
 
+from ernie_vilg.runtime import world_from_env
 from ernie_vilg.config import Config, ConfigError, DistributedConfig
 
 log = logging.getLogger(__name__)
@@ -92,13 +92,6 @@ class Topology:
                  f"  sharding groups (inside a node): {self.sharding_groups()}",
                  f"  data-parallel groups (across nodes): {self.dp_groups()}"]
         return "\n".join(lines)
-
-
-def world_from_env() -> tuple[int, int]:
-    """(rank, world size) as set by `paddle.distributed.launch` (1 process otherwise)."""
-    world = int(os.environ.get("PADDLE_TRAINERS_NUM", "1"))
-    rank = int(os.environ.get("PADDLE_TRAINER_ID", "0"))
-    return rank, world
 
 
 def device_of(cfg: Config) -> str:

@@ -1,13 +1,25 @@
-"""The contract between the one Trainer and each training stage (tokenizer, bidirectional model, ...).
+"""The contract between the one Trainer and each training stage (`ernie_vilg/stages/`).
 
-A stage is a `TrainModule`: it builds its model, its data and its losses; the Trainer owns the
-loop, the optimizer, schedules, logging, validation cadence, checkpoints and (later) the Fleet
-wrapping. Stages never see the optimizer or the distributed wrappers.
+A stage is a `TrainModule`: it builds its model, its data and its losses. The Trainer owns the
+loop, every optimizer (the model's and the stage's `extra_optimizers`, such as the GAN
+discriminator's), schedules, logging, validation cadence, checkpoints and the Fleet wrapping.
+
+Each step the Trainer hands the stage a `StepContext`:
+
+- `ctx.model` is the stage's own layer (what `build_model` returned), never a distributed
+  wrapper, so attributes such as `quantizer` or `get_last_layer()` are plain accesses;
+- `ctx(*args)` runs the forward pass through the wrapper (DataParallel / sharding hook their
+  gradient reduction into it), so every forward whose loss is returned must go through it;
+- `ctx.step_extra(name, loss)` runs a whole update of one extra optimizer (backward, reduction over
+  data-parallel ranks, learning rate = schedule x its multiplier, step, clear).
+
+This module imports no stage: the registry of stages (`ernie_vilg.stages.STAGES`) sits above it.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Protocol
+from typing import Any, Callable, Iterator, Optional, Protocol
 
 import paddle
 
@@ -24,68 +36,80 @@ class ResumableBatches(Protocol):
     def set_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
-class TrainModule(Protocol):
-    name: str  # e.g. "vq", "vilg"
-    # Optional, duck-typed (not members, so stages without them still match):
-    # - `best_metric`, the name of a `validate` metric to maximise; the Trainer then keeps the best
-    #   weights in OUTPUT/best;
-    # - `validation_media(model, step) -> ValidationMedia | None`, called on every rank right after
-    #   `validate` (model in eval mode, no grad; every rank runs it, as validation, so sharded
-    #   weights stay collective); rank 0 logs it.
+@dataclass
+class ExtraOptimizer:
+    """A second network a stage trains with its own loss (e.g. the GAN discriminator).
+
+    The Trainer builds its AdamW from Optimizer (no weight decay), sets its learning rate to the
+    schedule x `lr_mult` on every update, reduces its gradients over data-parallel ranks, and
+    saves / resumes its weights and state in every checkpoint (`extra.<name>.pdparams / .pdopt`);
+    they are not part of `model.pdparams`, which stays the stage's model alone."""
+
+    layer: paddle.nn.Layer
+    lr_mult: float = 1.0
+    weight_decay: float = 0.0
+
+
+@dataclass
+class StepContext:
+    """What a stage's `training_step` gets from the Trainer (see the module docstring)."""
+
+    model: paddle.nn.Layer  # the stage's layer, never a wrapper
+    forward: Callable[..., Any]  # the (possibly wrapped) model's __call__
+    step: int
+    rank: int = 0
+    world_size: int = 1
+    step_extra: Optional[Callable[[str, paddle.Tensor], None]] = None
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.forward(*args, **kwargs)
+
+
+class TrainModule:
+    """Base class of every stage; subclasses implement the first five methods.
+
+    Defaults: no best-checkpoint metric, no validation media, no extra optimizers, no token count
+    (then tokens/s and model FLOP/s are not logged)."""
+
+    name: str = ""  # Global.stage, e.g. "vq", "vilg"
+    best_metric: str = ""  # a `validate` metric to maximise: the Trainer keeps OUTPUT/best by it
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg  # the resolved config (`StageSpec.resolve`); the Trainer saves it as is
 
     def build_model(self) -> paddle.nn.Layer:
         """Create the trainable model (weights initialised from cfg.Global.seed)."""
+        raise NotImplementedError
 
     def train_batches(self, rank: int, world_size: int) -> ResumableBatches:
         """Training batches for this data-parallel rank."""
+        raise NotImplementedError
 
-    def training_step(self, model: paddle.nn.Layer, batch: Any, step: int) -> tuple[paddle.Tensor, dict[str, float]]:
+    def training_step(self, ctx: StepContext, batch: Any) -> tuple[paddle.Tensor, dict[str, float]]:
         """Forward pass: (scalar loss to minimise, float logs such as per-direction losses)."""
+        raise NotImplementedError
 
     def validate(self, model: paddle.nn.Layer, step: int) -> dict[str, float]:
-        """Periodic validation metrics (model is in eval mode, no grad). `model` is the layer
-        `build_model` returned, never a distributed wrapper, so generation helpers can use it."""
+        """Periodic validation metrics (model is in eval mode, no grad; the stage's own layer)."""
+        return {}
 
     def save_extras(self, model: paddle.nn.Layer, ckpt_dir: Path) -> None:
         """Write what a `--ckpt DIR` loader needs besides weights + config (vocab, tokenizer ref)."""
 
+    # ---- optional hooks with defaults --------------------------------------------------------
+    def validation_media(self, model: paddle.nn.Layer, step: int) -> Any:
+        """Images / texts shown beside validation (VisualDL), or None. Called on every rank right
+        after `validate` (sharded weights stay collective); rank 0 logs it."""
+        return None
 
-def module_for(cfg: Config) -> TrainModule:
-    """Registry: Global.stage -> TrainModule."""
-    stage = cfg.Global.stage
-    if stage == "vq":
-        from ernie_vilg.vq.module import VQTrainModule
+    def extra_optimizers(self) -> dict[str, ExtraOptimizer]:
+        """Networks the Trainer optimises besides the model (`StepContext.step_extra`)."""
+        return {}
 
-        return VQTrainModule(cfg)
-    if stage == "vilg":
-        from ernie_vilg.models.module import VilgTrainModule
+    def tokens(self, batch: Any) -> Optional[int]:
+        """Target tokens in a (micro) batch, for tokens/s; None = not counted."""
+        return None
 
-        return VilgTrainModule(cfg)
-    if stage == "reranker":
-        from ernie_vilg.models.reranker_module import RerankerTrainModule
-
-        return RerankerTrainModule(cfg)
-    if stage == "vqgan":
-        from ernie_vilg.vq.gan_module import VQGANTrainModule
-
-        return VQGANTrainModule(cfg)
-    if stage == "dvae":
-        from ernie_vilg.vq.dvae_module import DVAETrainModule
-
-        return DVAETrainModule(cfg)
-    if stage == "vqa":
-        from ernie_vilg.models.vqa_module import VqaTrainModule
-
-        return VqaTrainModule(cfg)
-    if stage == "caption_finetune":
-        from ernie_vilg.models.finetune_module import CaptionFinetuneModule
-
-        return CaptionFinetuneModule(cfg)
-    if stage == "vilg_e2e":
-        from ernie_vilg.models.e2e_module import E2ETrainModule
-
-        return E2ETrainModule(cfg)
-    from ernie_vilg.config import ConfigError
-
-    raise ConfigError(f"Global.stage: unknown stage {stage!r} "
-                      "(known: vq, vqgan, dvae, vilg, vilg_e2e, vqa, caption_finetune, reranker)")
+    def flops_per_token(self) -> Optional[float]:
+        """Training FLOPs per token (forward + backward), for model FLOP/s; None = not logged."""
+        return None

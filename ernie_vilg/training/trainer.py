@@ -9,12 +9,13 @@ section drives the rest without forking the loop:
     _apply_update()      optimizer step; skipped steps (inf/nan) agreed on by all ranks
     save() / resume()    each rank its optimizer shard, per-rank data position and RNG
 
-Optional stage hooks (duck-typed, so existing stages need nothing): a `"tokens"` entry in the
-logs of `training_step` (tokens in that micro batch) enables tokens/s, a
-`flops_per_token() -> float` method enables model FLOP/s, and a `best_metric` attribute (the
+Optional stage hooks (`TrainModule` defaults do nothing): `tokens(batch)` (target tokens in a
+micro batch) enables tokens/s and, with `flops_per_token()`, model FLOP/s; `best_metric` (the
 name of a `validate` metric to maximise) makes every validation that improves on the best value
 so far write the weights to OUTPUT/best (a checkpoint folder without optimizer state; the metric
-and its value in meta.json; the best value survives resume).
+and its value in meta.json; the best value survives resume); `extra_optimizers()` names networks
+the Trainer optimises besides the model (built, stepped through `StepContext.step_extra`,
+reduced over ranks, saved as `<name>.pdparams` / `<name>.pdopt` in every checkpoint, resumed).
 """
 from __future__ import annotations
 
@@ -52,25 +53,12 @@ from ernie_vilg.training.checkpoint import OutputLock, optimizer_state_from_stru
 from ernie_vilg.training.distributed import ParallelContext
 from ernie_vilg.training.logging import MetricsLogger
 from ernie_vilg.safe_pickle import safe_load
-from ernie_vilg.training.module import TrainModule
+from ernie_vilg.training.module import ExtraOptimizer, StepContext, TrainModule
 from ernie_vilg.training.nan_guard import NanGuard
+from ernie_vilg.training.schedule import learning_rate
 
 log = logging.getLogger(__name__)
 BEST_DIR = "best"  # OUTPUT/best: the weights of the best validation (next to OUTPUT/checkpoints)
-
-
-def learning_rate(step: int, cfg: Config) -> float:
-    """Linear warmup, then constant or cosine decay to min_lr at Train.max_steps."""
-    o = cfg.Optimizer
-    if o.warmup_steps > 0 and step < o.warmup_steps:
-        return o.lr * (step + 1) / o.warmup_steps
-    if o.schedule == "constant":
-        return o.lr
-    if o.schedule == "cosine":
-        span = max(1, cfg.Train.max_steps - o.warmup_steps)
-        progress = min(1.0, (step - o.warmup_steps) / span)
-        return o.min_lr + 0.5 * (o.lr - o.min_lr) * (1.0 + math.cos(math.pi * progress))
-    raise ConfigError(f"Optimizer.schedule: unknown schedule {o.schedule!r} (known: constant, cosine)")
 
 
 def build_optimizer(model: paddle.nn.Layer, cfg: Config) -> paddle.optimizer.Optimizer:
@@ -132,6 +120,18 @@ def _batch_len(x: Any) -> Optional[int]:
     return None
 
 
+def build_extra_optimizer(extra: ExtraOptimizer, cfg: Config) -> paddle.optimizer.Optimizer:
+    """AdamW of a stage's extra network (Optimizer's betas / eps, the extra's own weight decay)."""
+    o = cfg.Optimizer
+    return paddle.optimizer.AdamW(learning_rate=o.lr * extra.lr_mult, parameters=extra.layer.parameters(),
+                                  beta1=o.beta1, beta2=o.beta2, epsilon=o.eps, weight_decay=extra.weight_decay)
+
+
+def extra_files(name: str) -> tuple[str, str]:
+    """(weights, optimizer state) file names of an extra network inside a checkpoint folder."""
+    return f"{name}.pdparams", f"{name}.pdopt"
+
+
 def _load_state_file(path: Path) -> Any:
     """trainer_state.pd / rank_state.*.pd, or one-line CheckpointError (missing, truncated)."""
     if not path.is_file():
@@ -145,6 +145,14 @@ def _load_state_file(path: Path) -> Any:
     if not isinstance(state, dict) or "step" not in state:
         raise CheckpointError(f"{path}: not a trainer state (no step)")
     return state
+
+
+def _load_state_file_plain(path: Path) -> Any:
+    """A pickle of the run's own checkpoint through the allow-list, or one-line CheckpointError."""
+    try:
+        return safe_load(path)
+    except Exception as exc:  # truncated pickles raise assorted types
+        raise CheckpointError(f"{path}: cannot load ({type(exc).__name__}: {str(exc)[:120]})") from None
 
 
 def _numpy_rng_state() -> list[Any]:
@@ -180,12 +188,15 @@ class Trainer:
         self.nan_guard = NanGuard(max_consecutive=cfg.Train.max_consecutive_skips)
         self.history: list[dict[str, Any]] = []
         self.log_window: list[dict[str, float]] = []
-        self.best_metric: Optional[str] = getattr(module, "best_metric", None) or None
+        self.best_metric: Optional[str] = module.best_metric or None
         self.best_value: Optional[float] = None
         self.metrics = MetricsLogger(self.out, enabled=self.rank == 0)
         self.model = module.build_model()
         self.inner = self.model  # the user's layer, never a wrapper (checkpoint keys, extras)
         self.optimizer = build_optimizer(self.model, cfg)
+        # networks the stage trains with their own loss (GAN discriminator): built and owned here
+        self.extras: dict[str, ExtraOptimizer] = dict(module.extra_optimizers())
+        self.extra_optimizers = {name: build_extra_optimizer(x, cfg) for name, x in self.extras.items()}
         self.batches = module.train_batches(data_rank, data_world)
         self.scaler: Optional[Any] = None
         self.scaler_kind = "none"
@@ -214,17 +225,66 @@ class Trainer:
         d = self.cfg.Distributed
         parts = split_batch(batch, d.accumulate_steps)
         totals: dict[str, float] = {}
+        ctx = StepContext(model=self.inner, forward=self.model, step=self.step, rank=self.rank,
+                          world_size=self.world_size, step_extra=self._step_extra)
         for i, part in enumerate(parts):
             with self.parallel.no_sync(self.model, last_micro_step=i == len(parts) - 1):
                 with amp.autocast(d):
-                    loss, logs = self.module.training_step(self.model, part, self.step)
+                    loss, logs = self.module.training_step(ctx, part)
                 amp.backward(loss / len(parts) if len(parts) > 1 else loss, self.scaler)
+            tokens = self.module.tokens(part)
+            if tokens is not None:
+                logs = {**logs, "tokens": float(tokens)}
             for key, value in {"loss": float(loss), **logs}.items():
                 if isinstance(value, (int, float)):
                     # token counts add up over micro batches; everything else is averaged
                     share = value if key == "tokens" else value / len(parts)
                     totals[key] = totals.get(key, 0.0) + share
         return totals
+
+    def _step_extra(self, name: str, loss: paddle.Tensor) -> None:
+        """One whole update of the extra network `name` on `loss` (its replicas take the same
+        step: gradients are averaged over the data-parallel ranks first)."""
+        if name not in self.extra_optimizers:
+            raise KeyError(f"stage {self.module.name!r} has no extra optimizer {name!r} "
+                           f"(extra_optimizers: {', '.join(self.extra_optimizers) or 'none'})")
+        opt, extra = self.extra_optimizers[name], self.extras[name]
+        opt.clear_grad()
+        loss.backward()
+        if self.parallel.topo.distributed and self.world_size > 1:
+            import paddle.distributed as dist
+
+            for p in extra.layer.parameters():
+                if p.grad is not None:
+                    dist.all_reduce(p.grad)
+                    p.grad.scale_(1.0 / self.world_size)
+        opt.set_lr(learning_rate(self.step, self.cfg) * extra.lr_mult)
+        opt.step()
+        opt.clear_grad()
+
+    def _save_extras(self, folder: Path) -> None:
+        """The stage's extras, then every extra network's weights and optimizer state."""
+        self.module.save_extras(self.inner, folder)
+        for name, extra in self.extras.items():
+            weights, opt = extra_files(name)
+            paddle.save(extra.layer.state_dict(), str(Path(folder) / weights))
+            # keyed by structured names: Paddle's auto names (conv2d_7.w_0) differ between processes
+            state = optimizer_state_to_structured(self.extra_optimizers[name].state_dict(), extra.layer)
+            paddle.save(state, str(Path(folder) / opt))
+
+    def _load_extras(self, ckpt: Path, weights_only: bool) -> None:
+        for name, extra in self.extras.items():
+            weights, opt = extra_files(name)
+            if not (ckpt / weights).is_file():
+                if weights_only:
+                    log.warning("%s has no %s: the %s starts fresh", ckpt, weights, name)
+                    continue
+                raise CheckpointError(f"{ckpt}: cannot resume: no {weights}; set Train.resume_weights_only=true "
+                                      f"to continue with a fresh {name}")
+            extra.layer.set_state_dict(_load_state_file_plain(ckpt / weights))
+            if (ckpt / opt).is_file() and not weights_only:
+                state = _load_state_file_plain(ckpt / opt)
+                self.extra_optimizers[name].set_state_dict(optimizer_state_from_structured(state, extra.layer))
 
     def _apply_update(self, logs: dict[str, float]) -> bool:
         """Optimizer step unless the gradients are not finite; True if the step was skipped.
@@ -286,7 +346,7 @@ class Trainer:
             path = save_checkpoint(
                 self.ckpt_root, self.step, self.cfg, self.inner.state_dict(),
                 self._structured_optimizer_state(), self.state(), self._meta(),
-                extras=lambda d: self.module.save_extras(self.inner, d), keep_last=keep, name=name,
+                extras=self._save_extras, keep_last=keep, name=name,
             )
             log.info("saved checkpoint %s", path)
             return path
@@ -306,7 +366,7 @@ class Trainer:
         if self.rank == 0:
             commit_checkpoint(tmp, final, self.step, self.cfg, model_state,
                               None if topo.sharded else opt_state, self.state(), self._meta(),
-                              extras=lambda d: self.module.save_extras(self.inner, d), keep_last=keep)
+                              extras=self._save_extras, keep_last=keep)
             log.info("saved checkpoint %s", final)
         self.parallel.barrier()
         return final
@@ -327,6 +387,7 @@ class Trainer:
     def _load_training_state(self, ckpt: Path) -> None:
         topo = self.parallel.topo
         weights_only = self.cfg.Train.resume_weights_only
+        self._load_extras(ckpt, weights_only)
         opt_state = load_optimizer_state(ckpt, topo.sharding_rank, topo.sharding_degree)
         if opt_state is not None:
             self.optimizer.set_state_dict(optimizer_state_from_structured(opt_state, self.inner))
@@ -384,8 +445,7 @@ class Trainer:
             # the user's layer: validation decodes through model.cfg / prefill / step, which Fleet's
             # DataParallel / sharding wrappers do not forward (a dp 2 VQA run died at its first eval)
             metrics = self.module.validate(self.inner, self.step)
-            media_of = getattr(self.module, "validation_media", None)
-            media = media_of(self.inner, self.step) if media_of is not None else None
+            media = self.module.validation_media(self.inner, self.step)
         self.model.train()
         if self.rank == 0:
             self.metrics.write_media(self.step, media)
@@ -430,9 +490,9 @@ class Trainer:
         record: dict[str, Any] = {"step": self.step, "split": "train", **mean, "skipped_steps": self.skipped_steps}
         if all("tokens" in w for w in window) and seconds > 0:
             record["tokens_per_s"] = sum(w["tokens"] for w in window) / seconds
-            flops = getattr(self.module, "flops_per_token", None)
-            if callable(flops):
-                record["model_flops_per_s"] = record["tokens_per_s"] * float(flops())
+            flops = self.module.flops_per_token()
+            if flops is not None:
+                record["model_flops_per_s"] = record["tokens_per_s"] * float(flops)
         scale = amp.loss_scale(self.scaler)
         if scale is not None:
             record["loss_scale"] = scale

@@ -14,6 +14,7 @@ whatever AMP context the caller is in.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import paddle
@@ -22,16 +23,22 @@ import paddle.nn as nn
 from ernie_vilg.config import VQConfig
 
 
+TOKENIZER_INFO_FILE = "tokenizer.json"  # the summary next to a tokenizer checkpoint's weights
+
+
 class ImageTokenizer(nn.Layer):
-    """Base class; subclasses implement `_encode_ids`, `_decode_ids`, `embed_ids`, the sizes."""
+    """Base class; subclasses set `self.cfg` (their VQConfig) and implement `_encode_ids`,
+    `_decode_ids`, `embed_ids`, `decode_embeddings`."""
+
+    cfg: VQConfig
 
     @property
     def codebook_size(self) -> int:
-        raise NotImplementedError
+        return self.cfg.codebook_size
 
     @property
     def downsample_factor(self) -> int:
-        raise NotImplementedError
+        return self.cfg.downsample_factor
 
     def grid_size(self, image_size: int) -> int:
         """Side of the token grid for square images of `image_size` pixels."""
@@ -78,3 +85,11 @@ class ImageTokenizer(nn.Layer):
         for param in self.parameters():
             param.stop_gradient = True
         return self
+
+
+def write_tokenizer_info(tokenizer: ImageTokenizer, image_size: int, folder: str | Path) -> None:
+    """`tokenizer.json`: kind, sizes and grid, so other stages read them without the network."""
+    info = {"kind": tokenizer.cfg.kind, "codebook_size": tokenizer.codebook_size,
+            "downsample_factor": tokenizer.downsample_factor, "image_size": image_size,
+            "grid_size": tokenizer.grid_size(image_size)}
+    (Path(folder) / TOKENIZER_INFO_FILE).write_text(json.dumps(info, indent=1), encoding="utf-8")

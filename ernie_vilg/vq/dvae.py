@@ -260,14 +260,6 @@ class DVAE(ImageTokenizer):
         self.encoder = DVAEEncoder(cfg)
         self.decoder = DVAEDecoder(cfg)
 
-    @property
-    def codebook_size(self) -> int:
-        return self.cfg.codebook_size
-
-    @property
-    def downsample_factor(self) -> int:
-        return self.cfg.downsample_factor
-
     @staticmethod
     def stats_to_image(stats: Tensor) -> Tensor:
         """Decoder stats -> image in [-1, 1]: DALL-E's unmap_pixels(sigmoid(mu))."""

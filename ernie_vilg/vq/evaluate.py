@@ -150,7 +150,7 @@ def reconstruction_media(tokenizer: ImageTokenizer, records: list[ManifestRecord
                          items: int = 8) -> Any:
     """training.media.ValidationMedia of a tokenizer stage: the first `items` val images (top
     row) over their reconstructions through the codebook (bottom row)."""
-    from ernie_vilg.training.media import ValidationMedia, media_grid
+    from ernie_vilg.data.media import ValidationMedia, media_grid
 
     chunk = records[:items]
     if not chunk:

@@ -267,14 +267,6 @@ class VQGAN(ImageTokenizer):
         self.post_quant_conv = nn.Conv2D(cfg.embed_dim, cfg.embed_dim, 1)
         self.decoder = TamingDecoder(cfg)
 
-    @property
-    def codebook_size(self) -> int:
-        return self.cfg.codebook_size
-
-    @property
-    def downsample_factor(self) -> int:
-        return self.cfg.downsample_factor
-
     def forward(self, x: Tensor, temperature: float = 1.0, kl_weight: float = 0.0) -> VQGANOutput:
         """Training forward; `temperature` / `kl_weight` are used by the gumbel quantizer only."""
         h = self.quant_conv(self.encoder(x))

@@ -153,14 +153,6 @@ class VQVAE(ImageTokenizer):
         )
         self.decoder = Decoder(cfg)
 
-    @property
-    def codebook_size(self) -> int:
-        return self.cfg.codebook_size
-
-    @property
-    def downsample_factor(self) -> int:
-        return self.cfg.downsample_factor
-
     def forward(self, x: paddle.Tensor) -> VQVAEOutput:
         q = self.quantizer(self.encoder(x))
         return VQVAEOutput(recon=self.decoder(q.z_q), quant_loss=q.loss, ids=q.ids, info=q.info)

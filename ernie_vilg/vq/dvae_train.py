@@ -1,4 +1,4 @@
-"""Stage `dvae`: the DALL-E discrete VAE (VQ.kind dvae) under the one Trainer, and its loss.
+"""The DALL-E discrete VAE's training loss and its training aids (the `dvae` stage uses them).
 
     loss = recon_nll + kl_weight(step) * KL(q(z|x) || uniform) / (3 f^2)
 
@@ -23,20 +23,14 @@ multiplier, and dead-code splits (`plan_code_splits`). docs/tokenizers.md, "dVAE
 from __future__ import annotations
 
 import math
-from pathlib import Path
-from typing import Any
 
 import numpy as np
 import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
 
-from ernie_vilg.config import Config, ConfigError, DVAEConfig
-from ernie_vilg.data.images import ImageBatches
-from ernie_vilg.checkpoint_io import latest_checkpoint
-from ernie_vilg.vq.dvae import DVAE, DVAEOutput, gumbel_schedule, kl_to_uniform, map_pixels
-from ernie_vilg.vq.gan_module import write_tokenizer_info
-from ernie_vilg.vq.module import ImageTokenizerStage
+from ernie_vilg.config import ConfigError, DVAEConfig
+from ernie_vilg.vq.dvae import DVAE, DVAEOutput, kl_to_uniform, map_pixels
 
 RECON_LOSSES = ("logit_laplace", "mse", "bce")
 
@@ -219,72 +213,3 @@ def kmeans_init_logits(model: DVAE, batches: list, iters: int = 10, seed: int = 
         cb[: proj.shape[1]] = proj.T
         emb.w.set_value(cb.reshape(emb.w.shape).astype("float32"))
     return cent
-
-
-class DVAETrainModule(ImageTokenizerStage):
-    name = "dvae"
-
-    def __init__(self, cfg: Config) -> None:
-        if cfg.VQ.kind != "dvae":
-            raise ConfigError(f"VQ.kind: the dvae stage trains 'dvae', got {cfg.VQ.kind!r}")
-        self.cfg = cfg
-        self.loss = DVAELoss(cfg.DVAE, cfg.VQ.downsample_factor)
-        self._val_records = None
-        self._since_used = None  # steps since each code was last an argmax (dead_code_steps)
-        self._rng = None
-        self._pending_splits: list = []
-
-    def build_model(self) -> DVAE:
-        paddle.seed(self.cfg.Global.seed)
-        model = DVAE(self.cfg.VQ)
-        model.grid_size(self.cfg.Data.image_size)
-        lr_scale = self.cfg.DVAE.encoder_lr_scale
-        if lr_scale != 1.0:  # per-parameter lr multiplier (Paddle's optimize_attr), not saved
-            for param in model.encoder.parameters():
-                param.optimize_attr["learning_rate"] = lr_scale
-        n = self.cfg.DVAE.kmeans_init_batches
-        if n > 0 and not self._resuming():
-            # once, on a fresh run: a resumed run loads the (k-means-initialised) saved weights
-            batches = iter(ImageBatches(self.cfg.Data.train_manifest, self.cfg.Data.image_size,
-                                        self.cfg.Data.batch_size, self.cfg.Global.seed + 1))
-            images = [paddle.to_tensor(next(batches)["images"], dtype="float32") for _ in range(n)]
-            kmeans_init_logits(model, images, seed=self.cfg.Global.seed,
-                               logit_std=self.cfg.DVAE.kmeans_logit_std)
-        return model
-
-    def _resuming(self) -> bool:
-        return bool(self.cfg.Train.resume) and latest_checkpoint(
-            Path(self.cfg.Global.output_dir) / "checkpoints") is not None
-
-    def schedule(self, step: int) -> tuple[float, float]:
-        return gumbel_schedule(self.cfg.DVAE, step)
-
-    def training_step(self, model: paddle.nn.Layer, batch: dict[str, Any], step: int
-                      ) -> tuple[paddle.Tensor, dict[str, float]]:
-        images = paddle.to_tensor(batch["images"], dtype="float32")
-        inner = getattr(model, "_layers", model)
-        if self._pending_splits:
-            apply_code_splits(inner, self._pending_splits)
-            self._pending_splits = []
-        temperature, kl_weight = self.schedule(step)
-        freeze = step < self.cfg.DVAE.encoder_freeze_steps
-        out = model(images, temperature, self.cfg.DVAE.straight_through, freeze_encoder=freeze)
-        loss, logs = self.loss(images, out, kl_weight)
-        counts = paddle.bincount(out.ids.flatten(), minlength=self.cfg.VQ.codebook_size)
-        logs.update(temperature=temperature, kl_weight=kl_weight,
-                    codes_used=float((counts > 0).astype("float32").mean()))
-        n_dead = self.cfg.DVAE.dead_code_steps
-        if n_dead > 0:  # not DALL-E; single process only (each rank would split its own codes)
-            if self._since_used is None:
-                self._since_used = np.zeros(self.cfg.VQ.codebook_size, dtype=np.int64)
-                self._rng = np.random.default_rng(self.cfg.Global.seed)
-            used = counts.numpy() > 0
-            self._since_used = np.where(used, 0, self._since_used + 1)
-            dead = self._since_used >= n_dead
-            self._pending_splits = plan_code_splits(inner, images, out, dead, self._rng)
-            self._since_used[[split[0] for split in self._pending_splits]] = 0
-            logs["codes_restarted"] = float(len(self._pending_splits))
-        return loss, logs
-
-    def save_extras(self, model: paddle.nn.Layer, ckpt_dir: Path) -> None:
-        write_tokenizer_info(self.cfg, getattr(model, "_layers", model), ckpt_dir)

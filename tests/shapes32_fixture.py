@@ -1,4 +1,4 @@
-"""Shared fixture of the issue-6 tests: a tiny shapes world (32 px)."""
+"""Shared fixture of the tokenizer and Table 7 tests: a tiny shapes world (32 px)."""
 from __future__ import annotations
 
 from pathlib import Path

@@ -32,19 +32,8 @@ ROWS = ("two-stage G + two-stage R", "end-to-end G + two-stage R", "end-to-end G
 PAPER_FID = (41.4, 40.5, 39.9, 21.7, 18.6)  # Table 7, lite model with dVAE
 
 
-def register_issue6_tokenizers() -> None:
-    """Until vq/base.py lists them: add vqgan / vqgan_gumbel / dvae to the tokenizer registry
-    so `load_tokenizer` (token shards, generation tools) can load their checkpoints."""
-    from ernie_vilg.vq.registry import TOKENIZERS
-    from ernie_vilg.vq.dvae import build_dvae
-    from ernie_vilg.vq.vqgan import build_vqgan
-
-    for kind, builder in (("vqgan", build_vqgan), ("vqgan_gumbel", build_vqgan), ("dvae", build_dvae)):
-        TOKENIZERS.setdefault(kind, builder)
-
-
 def _prepare_data(shapes_dir: Path, tokenizer_ckpt: Path, out: Path) -> dict[str, Path]:
-    from ernie_vilg.data.tokenize_images import tokenize_manifest
+    from ernie_vilg.vq.tokenize_images import tokenize_manifest
     from ernie_vilg.text.vocab import build_vocab
 
     paths = {"vocab": out / "vocab.txt"}
@@ -68,14 +57,11 @@ def _config(base_config: Path, stage: str, out: Path, paths: dict[str, Path], to
 
 
 def _train(cfg: Config) -> dict[str, Any]:
+    from ernie_vilg.stages import prepare
     from ernie_vilg.training.trainer import Trainer
 
-    if cfg.Global.stage == "vilg_e2e":
-        from ernie_vilg.models.e2e_module import E2ETrainModule as Module
-    else:
-        from ernie_vilg.models.module import VilgTrainModule as Module
-    module = Module(cfg)
-    result = Trainer(cfg, module).fit()
+    module = prepare(cfg)
+    result = Trainer(module.cfg, module).fit()
     return {"module": module, "result": result}
 
 
@@ -110,9 +96,8 @@ def run_ablation(shapes_dir: str | Path, tokenizer_ckpt: str | Path, out: str | 
     from ernie_vilg.generation.decoding import generate_image_tokens
     from ernie_vilg.generation.pipelines import image_sampling_params
     from ernie_vilg.metrics.fid import WEIGHTS_FILE, evaluate_fid
-    from ernie_vilg.models.e2e import load_image_tokenizer
+    from ernie_vilg.vq.registry import load_tokenizer
 
-    register_issue6_tokenizers()
     shapes_dir, tokenizer_ckpt, out = Path(shapes_dir), Path(tokenizer_ckpt), Path(out)
     out.mkdir(parents=True, exist_ok=True)
     paths = _prepare_data(shapes_dir, tokenizer_ckpt, out)
@@ -130,7 +115,7 @@ def run_ablation(shapes_dir: str | Path, tokenizer_ckpt: str | Path, out: str | 
         ckpt = Path(res["checkpoint"])
         set_model_state(model, load_model_state(ckpt), ckpt)
         model.eval()
-    tokenizer = load_image_tokenizer(tokenizer_ckpt)
+    tokenizer = load_tokenizer(tokenizer_ckpt)
 
     from ernie_vilg.data.images import load_image
     from ernie_vilg.data.token_shards import TokenShards

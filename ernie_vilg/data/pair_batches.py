@@ -1,51 +1,26 @@
-"""The "vilg" training stage: both directions of ERNIE-ViLG on token shards (TrainModule protocol).
+"""Batches of (text ids, image ids) pairs from token shards, both exactly resumable:
 
-Every step runs the text-to-image stream and the image-to-text stream of the same batch through the
-one shared model and minimises L = L_txt2img + L_img2txt (Eq. 3); both terms are logged.
-
-Derived sizes (`Model.text_vocab_size`, `image_vocab_size`, `image_grid` left at 0) are filled in
-from the vocab file and the token shards once, when the module is created, before any model is
-built, so the config the Trainer saves is complete.
+- `ShardBatches`: rows held in memory (random access): validation, and the VQA / end-to-end
+  stages' training batches (their subclasses add fields);
+- `StreamBatches`: rows streamed from a shard folder in constant memory (the vilg stage);
+- `E2EBatches`: `ShardBatches` plus the rows' gold images (the end-to-end stage).
 """
 from __future__ import annotations
 
-import functools
-import json
 import logging
-import shutil
 from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
 import paddle
 
-from ernie_vilg.config import Config, ConfigError
-from ernie_vilg.models.guidance import I2T_IMAGE_KEY, T2I_TEXT_KEY, ConditionDropper
-from ernie_vilg.models.losses import VilgCriterion, bidirectional_loss
-from ernie_vilg.models.sparse_masks import Direction
-from ernie_vilg.models.transformer import ErnieViLG
+from ernie_vilg.config import ConfigError
+from ernie_vilg.data.images import load_image
 from ernie_vilg.text.tokenizer import pad_ids
 
 log = logging.getLogger(__name__)
 
-VOCAB_FILE = "vocab.txt"
-TOKENIZER_DIR = "image_tokenizer"  # copy of the image tokenizer checkpoint inside a vilg checkpoint
-EXTRAS_FILE = "vilg.json"
 TEXT_CACHE_SIZE = 200_000  # encoded texts kept by StreamBatches (small corpora fit whole)
-
-
-def resolve_model_sizes(cfg: Config, text_vocab_size: int, grid: int, codebook_size: int) -> None:
-    """Fill the 0 (= derive) Model fields and check the explicit ones against the data."""
-    m = cfg.Model
-    for key, actual in (("text_vocab_size", text_vocab_size), ("image_grid", grid),
-                        ("image_vocab_size", codebook_size)):
-        value = getattr(m, key)
-        if value == 0:
-            setattr(m, key, actual)
-        elif value != actual:
-            raise ConfigError(f"Model.{key}={value} but the data says {actual}")
-    if cfg.Data.max_text_len > m.max_text_len:
-        raise ConfigError(f"Data.max_text_len={cfg.Data.max_text_len} exceeds Model.max_text_len={m.max_text_len}")
 
 
 class ShardBatches:
@@ -206,126 +181,24 @@ class StreamBatches:
                    "image_ids": paddle.to_tensor(np.stack(images).astype(np.int64))}  # [B, h, w]
 
 
-class VilgTrainModule:
-    name = "vilg"
+class E2EBatches(ShardBatches):
+    """ShardBatches plus "images" [B, 3, S, S] in [-1, 1]: the gold images of the rows.
 
-    def __init__(self, cfg: Config) -> None:
-        from ernie_vilg.data.token_shards import TokenShards, read_shard_info
-        from ernie_vilg.text.tokenizer import TextTokenizer
+    Same order, text choice and state as ShardBatches (the loop is the parent's, with the image
+    read added), so switching a run between the two stages keeps its data position meaning."""
 
-        self.cfg = cfg
-        if not cfg.Data.vocab_file:
-            raise ConfigError("Data.vocab_file is empty (build one with tools/build_vocab.py)")
-        if not cfg.Data.train_shards:
-            raise ConfigError("Data.train_shards is empty (write shards with tools/tokenize_images.py)")
-        self.text_tokenizer = TextTokenizer(cfg.Data.vocab_file)
-        # the training rows are streamed (train_batches); only their info.json is read here
-        info = read_shard_info(cfg.Data.train_shards)
-        self.val_shards = TokenShards(cfg.Data.val_shards) if cfg.Data.val_shards else None
-        if not cfg.Data.tokenizer_ckpt:
-            cfg.Data.tokenizer_ckpt = str(info.get("tokenizer_ckpt", ""))
-        resolve_model_sizes(cfg, self.text_tokenizer.vocab_size, int(info["grid"]), int(info["codebook_size"]))
-        self.criterion = VilgCriterion(self.text_tokenizer.pad_id, cfg.Train.txt2img_weight, cfg.Train.img2txt_weight)
-        self._image_tokenizer: Any = None
-        self._tokenizer_missing = False
+    def __init__(self, *args: Any, image_size: int, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.image_size = image_size
 
-    @functools.cached_property
-    def train_shards(self) -> Any:
-        """Every training row in memory (random access), loaded on first use: the stages whose
-        batches are `ShardBatches` (end-to-end) need it; the vilg stage streams its rows.
-        (A cached_property, so subclasses may still assign the attribute.)"""
-        from ernie_vilg.data.token_shards import TokenShards
-
-        return TokenShards(self.cfg.Data.train_shards)
-
-    # ---------------------------------------------------------------- TrainModule
-    def build_model(self) -> ErnieViLG:
-        paddle.seed(self.cfg.Global.seed)
-        dist = self.cfg.Distributed
-        return ErnieViLG(self.cfg.Model, recompute=dist.recompute, recompute_every_k=dist.recompute_every_k)
-
-    def train_batches(self, rank: int, world_size: int) -> StreamBatches:
-        d = self.cfg.Data
-        return StreamBatches(d.train_shards, self.text_tokenizer, d.batch_size, d.max_text_len, self.cfg.Global.seed,
-                             rank, world_size, d.stream_partitions, d.shuffle_buffer)
-
-    def losses(self, model: ErnieViLG, batch: dict[str, paddle.Tensor]):
-        text_ids, image_ids = batch["text_ids"], batch["image_ids"]
-        # classifier-free guidance (models/guidance.py): each stream may get its own, partly
-        # nulled, condition; the targets are always the real image / text
-        return bidirectional_loss(model, self.criterion, text_ids, image_ids, batch.get(T2I_TEXT_KEY),
-                                  batch.get(I2T_IMAGE_KEY))
-
-    def training_step(self, model: ErnieViLG, batch: dict[str, paddle.Tensor], step: int
-                      ) -> tuple[paddle.Tensor, dict[str, float]]:
-        if self.cfg.Train.cond_drop > 0:  # null conditions for classifier-free guidance
-            if getattr(self, "_cond_dropper", None) is None:
-                tok = self.text_tokenizer
-                self._cond_dropper = ConditionDropper(self.cfg.Train.cond_drop, self.cfg.Global.seed, tok.cls_id,
-                                                      tok.sep_id, tok.pad_id, paddle.distributed.get_rank())
-            batch = self._cond_dropper(batch, step)
-        loss = self.losses(model, batch)
-        return loss.total, {"loss_txt2img": float(loss.txt2img), "loss_img2txt": float(loss.img2txt)}
-
-    def validate(self, model: ErnieViLG, step: int) -> dict[str, float]:
-        if self.val_shards is None:
-            return {}
-        from ernie_vilg.generation.evaluate import evaluate_model
-
-        count = min(self.cfg.Train.eval_samples, len(self.val_shards))
-        batches = ShardBatches(self.val_shards, self.text_tokenizer, self.cfg.Data.batch_size,
-                               self.cfg.Data.max_text_len, self.cfg.Global.seed)
-        sums, seen = {"val_loss_txt2img": 0.0, "val_loss_img2txt": 0.0}, 0
-        for batch in batches:
-            n = batch["text_ids"].shape[0]
-            loss = self.losses(model, batch)
-            sums["val_loss_txt2img"] += float(loss.txt2img) * n
-            sums["val_loss_img2txt"] += float(loss.img2txt) * n
-            seen += n
-            if seen >= count or batches.epoch > 0:
-                break
-        metrics = {k: v / seen for k, v in sums.items()}
-        # a few items decoded in both directions: captions (BLEU etc.), images (shapes judge)
-        metrics.update(evaluate_model(model, self.text_tokenizer, self.image_tokenizer(), self.val_shards,
-                                      max_items=min(count, 16), cfg=self.cfg, seed=self.cfg.Global.seed))
-        return metrics
-
-    def validation_media(self, model: ErnieViLG, step: int) -> Any:
-        """Fixed val prompts: true vs generated images, captions beside references (VisualDL)."""
-        # the subclasses whose model or shards are not plain text <-> image (e2e's reconstructor,
-        # VQA's question/answer texts) show no media
-        if self.val_shards is None or self.name not in ("vilg", "caption_finetune"):
-            return None
-        from ernie_vilg.generation.evaluate import validation_media
-
-        return validation_media(model, self.text_tokenizer, self.image_tokenizer(), self.val_shards, self.cfg,
-                                seed=self.cfg.Global.seed)
-
-    def save_extras(self, model: ErnieViLG, ckpt_dir: Path) -> None:
-        ckpt_dir = Path(ckpt_dir)
-        shutil.copyfile(self.cfg.Data.vocab_file, ckpt_dir / VOCAB_FILE)
-        extras: dict[str, Any] = {"vocab": VOCAB_FILE, "image_tokenizer": None,
-                                  "tokenizer_source": self.cfg.Data.tokenizer_ckpt or None}
-        src = Path(self.cfg.Data.tokenizer_ckpt) if self.cfg.Data.tokenizer_ckpt else None
-        if src is not None and (src / "model.pdparams").is_file():
-            dst = ckpt_dir / TOKENIZER_DIR
-            dst.mkdir(exist_ok=True)
-            for name in ("model.pdparams", "config.yaml", "meta.json"):  # what load_tokenizer needs
-                if (src / name).is_file():
-                    shutil.copyfile(src / name, dst / name)
-            extras["image_tokenizer"] = TOKENIZER_DIR
-        (ckpt_dir / EXTRAS_FILE).write_text(json.dumps(extras, ensure_ascii=False, indent=1), encoding="utf-8")
-
-    # ---------------------------------------------------------------- helpers
-    def image_tokenizer(self) -> Any:
-        """The frozen image tokenizer for validation decoding, or None when unavailable."""
-        if self._image_tokenizer is None and not self._tokenizer_missing:
-            path = Path(self.cfg.Data.tokenizer_ckpt)
-            if self.cfg.Data.tokenizer_ckpt and (path / "model.pdparams").is_file():
-                from ernie_vilg.vq.registry import load_tokenizer
-
-                self._image_tokenizer = load_tokenizer(path)
-            else:
-                log.warning("no image tokenizer at %r: generated images are not judged", str(path))
-                self._tokenizer_missing = True
-        return self._image_tokenizer
+    def _batch(self, items: list[int]) -> dict[str, paddle.Tensor]:
+        batch = super()._batch(items)
+        images = []
+        for i in items:
+            rec = self.shards[i]
+            if "image" not in rec.meta:
+                raise ConfigError("token shards without image paths: the end-to-end stage needs the gold "
+                                  "images (re-tokenize with tools/tokenize_images.py)")
+            images.append(load_image(rec.meta["image"], self.image_size))
+        batch["images"] = paddle.to_tensor(np.stack(images).astype(np.float32))
+        return batch

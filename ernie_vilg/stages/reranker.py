@@ -9,6 +9,7 @@ Global.output_dir/vocab.txt. The checkpoint carries vocab.txt and reranker.json,
 """
 from __future__ import annotations
 
+import copy
 import json
 import shutil
 from pathlib import Path
@@ -23,10 +24,8 @@ from ernie_vilg.data.manifest import read_manifest
 from ernie_vilg.models.reranker import (
     RERANKER_INFO_FILE, VOCAB_FILE, DualEncoder, build_dual_encoder, text_ids,
 )
-
-
-def _unwrap(model: paddle.nn.Layer) -> DualEncoder:
-    return getattr(model, "_layers", model)  # paddle.DataParallel keeps the layer in _layers
+from ernie_vilg.stages.spec import ExportGraph
+from ernie_vilg.training.module import StepContext, TrainModule
 
 
 def resolve_vocab(cfg: Config) -> Path:
@@ -45,16 +44,63 @@ def resolve_vocab(cfg: Config) -> Path:
     return path
 
 
-class RerankerTrainModule:
+def resolve(cfg: Config) -> Config:
+    """A copy of `cfg` whose Data.vocab_file is set (built from the manifests when empty)."""
+    if not cfg.Data.train_manifest:
+        raise ConfigError("Data.train_manifest: required for the reranker stage")
+    out = copy.deepcopy(cfg)
+    out.Data.vocab_file = str(resolve_vocab(cfg))
+    return out
+
+
+def build_bare_model(cfg: Config, ckpt_dir: Optional[Path] = None) -> DualEncoder:
+    """The dual encoder of a reranker checkpoint: its own vocab.txt (or Data.vocab_file) sets the
+    text embedding's size and padding id."""
+    from ernie_vilg.text.tokenizer import TextTokenizer
+
+    vocab = Path(ckpt_dir) / VOCAB_FILE if ckpt_dir is not None and (Path(ckpt_dir) / VOCAB_FILE).is_file() \
+        else Path(cfg.Data.vocab_file)
+    if not vocab.is_file():
+        raise ConfigError(f"reranker: no vocab at {vocab} (a reranker checkpoint carries its {VOCAB_FILE})")
+    tok = TextTokenizer(vocab)
+    return build_dual_encoder(cfg.Reranker, tok.vocab_size, cfg.Data.max_text_len, tok.pad_id)
+
+
+class _Embed(paddle.nn.Layer):
+    def __init__(self, encode: Any) -> None:
+        super().__init__()
+        self.encode = encode
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        return self.encode(x)
+
+
+def export_reranker(model: DualEncoder, cfg: Config, batch_size: int) -> list[ExportGraph]:
+    """`reranker_images` and `reranker_texts`: unit embeddings whose dot product is the pair's
+    cosine (the calibrated score adds the checkpoint's `calib_a` / `calib_b`: sigmoid(a cos + b))."""
+    size, L, d = cfg.Data.image_size, cfg.Data.max_text_len, cfg.Reranker.embed_dim
+    return [
+        ExportGraph("reranker_images", _Embed(model.embed_images),
+                    [paddle.static.InputSpec([None, 3, size, size], "float32", "images")],
+                    [{"name": "images", "shape": [-1, 3, size, size], "dtype": "float32"}],
+                    [{"name": "embeddings", "shape": [-1, d], "dtype": "float32"}],
+                    "images in [-1, 1] (center crop at Data.image_size) -> unit embeddings"),
+        ExportGraph("reranker_texts", _Embed(model.embed_texts),
+                    [paddle.static.InputSpec([None, L], "int64", "text_ids")],
+                    [{"name": "text_ids", "shape": [-1, L], "dtype": "int64"}],
+                    [{"name": "embeddings", "shape": [-1, d], "dtype": "float32"}],
+                    "text ids ([CLS] ... [SEP], padded) -> unit embeddings"),
+    ]
+
+
+class RerankerTrainModule(TrainModule):
     name = "reranker"
 
     def __init__(self, cfg: Config) -> None:
         from ernie_vilg.text.tokenizer import TextTokenizer
 
-        if not cfg.Data.train_manifest:
-            raise ConfigError("Data.train_manifest: required for the reranker stage")
-        self.cfg = cfg
-        self.vocab_file = resolve_vocab(cfg)
+        super().__init__(cfg)
+        self.vocab_file = Path(cfg.Data.vocab_file)
         self.tokenizer = TextTokenizer(self.vocab_file)
         self._val: Optional[tuple[np.ndarray, list[str]]] = None
 
@@ -70,16 +116,16 @@ class RerankerTrainModule:
     def _text_ids(self, texts: list[str]) -> paddle.Tensor:
         return text_ids(self.tokenizer, texts, self.cfg.Data.max_text_len)
 
-    def training_step(self, model: paddle.nn.Layer, batch: dict[str, Any], step: int) -> tuple[paddle.Tensor, dict[str, float]]:
-        rng = np.random.default_rng([self.cfg.Global.seed, step])
+    def training_step(self, ctx: StepContext, batch: dict[str, Any]) -> tuple[paddle.Tensor, dict[str, float]]:
+        rng = np.random.default_rng([self.cfg.Global.seed, ctx.step])
         texts = [r.texts[int(rng.integers(len(r.texts)))] if r.texts else r.text for r in batch["records"]]
         images = paddle.to_tensor(batch["images"], dtype="float32")  # [B, 3, S, S] in [-1, 1]
-        out = model(images, self._text_ids(texts))
+        out = ctx(images, self._text_ids(texts))
         labels = np.arange(len(texts))
         acc = float((out.logits.argmax(-1).numpy() == labels).mean())
         return out.loss, {
             "contrastive": float(out.contrastive_loss), "calibration": float(out.calibration_loss),
-            "temperature": float(1.0 / _unwrap(model).logit_scale()), "batch_i2t_acc": acc,
+            "temperature": float(1.0 / ctx.model.logit_scale()), "batch_i2t_acc": acc,
         }
 
     def _val_data(self) -> Optional[tuple[np.ndarray, list[str]]]:
@@ -101,7 +147,7 @@ class RerankerTrainModule:
         data = self._val_data()
         if data is None:
             return {}
-        return evaluate_pairs(_unwrap(model), data[0], data[1], self._text_ids, self.cfg.Data.batch_size)
+        return evaluate_pairs(model, data[0], data[1], self._text_ids, self.cfg.Data.batch_size)
 
     def save_extras(self, model: paddle.nn.Layer, ckpt_dir: Path) -> None:
         shutil.copyfile(self.vocab_file, Path(ckpt_dir) / VOCAB_FILE)

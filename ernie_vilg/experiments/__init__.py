@@ -1,0 +1,1 @@
+"""Experiments that train several stages and compare them (the paper's ablations)."""
