@@ -50,7 +50,7 @@ ZYGOTE = r"""
 import json, os, sys, time, traceback
 import paddle, paddlenlp  # noqa: F401  (imported once; every forked child shares them)
 import ernie_vilg.stages.vilg, ernie_vilg.training.trainer  # noqa: F401
-import ernie_vilg.training.checkpoint as ck
+import ernie_vilg.checkpoint_io as ck
 from ernie_vilg.cli.train import main
 
 print(json.dumps({"ready": True}), flush=True)
@@ -213,7 +213,7 @@ def test_sigkill_at_random_moments_and_mid_checkpoint_then_resume_equals_uninter
 # --------------------------------------------------------------------------------------------
 WORKER = r"""
 import sys, time
-import ernie_vilg.training.checkpoint as ck
+import ernie_vilg.checkpoint_io as ck
 delay = float(sys.argv[1])
 if delay:
     fsync = ck._fsync_files

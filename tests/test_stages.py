@@ -18,7 +18,6 @@ from ernie_vilg.convert.safetensors_io import checkpoint_from_safetensors, check
 from ernie_vilg.stages import STAGES, build_bare_model, prepare
 from ernie_vilg.training.trainer import Trainer
 
-pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
 COMMON = ["Train.max_steps=2", "Train.eval_every=0", "Train.save_every=0", "Train.log_every=1",
@@ -128,6 +127,12 @@ def check_tokenizer_tool(ckpt: Path, world: dict[str, Path], tmp: Path) -> None:
     assert len(shards) == 4 and shards.grid == tok.grid_size(32) and shards.codebook_size == tok.codebook_size
 
 
+def first_test_image(world: dict[str, Path]) -> Path:
+    from ernie_vilg.data.manifest import read_manifest
+
+    return Path(read_manifest(world["shapes"] / "test.jsonl")[0].image_path)
+
+
 def check_generation_tools(ckpt: Path, world: dict[str, Path]) -> None:
     """generate (text -> image) and caption (image -> text) through the tools' functions."""
     from ernie_vilg.generation.pipelines import caption_images, text_to_image
@@ -136,7 +141,7 @@ def check_generation_tools(ckpt: Path, world: dict[str, Path]) -> None:
     bundle = load_bundle(ckpt, need_image_tokenizer=True)
     images = text_to_image(bundle, ["一个红色的圆形"], num_candidates=1, seed=0)
     assert images.shape == (1, 32, 32, 3) and images.dtype == np.uint8
-    captions = caption_images(bundle, [world["shapes"] / "images" / "0.png"])
+    captions = caption_images(bundle, [first_test_image(world)])
     assert len(captions) == 1 and isinstance(captions[0], str)
 
 
@@ -145,12 +150,14 @@ def check_generation_tools(ckpt: Path, world: dict[str, Path]) -> None:
                                                  ("dvae", "configs/vq/shapes_dvae.yaml", "dvae")])
 def test_tokenizer_stages(world, tmp_path, stage, config, kind) -> None:
     shapes = world["shapes"]
-    extra = [] if stage != "dvae" else ["DVAE.kmeans_init_batches=1", "DVAE.encoder_freeze_steps=1",
-                                        "VQ.dvae_logits_norm=none"]
+    extra = {"vq": [], "vqgan": ["VQGAN.disc_start=1", "VQGAN.disc_channels=8", "VQGAN.disc_layers=2"],
+             "dvae": ["DVAE.kmeans_init_batches=1", "DVAE.encoder_freeze_steps=1"]}[stage]
     ckpt = world["vq"] if stage == "vq" else train(config, tmp_path / stage, TINY_TOKENIZER + extra + [
         f"VQ.kind={kind}", f"Data.train_manifest={shapes / 'train.jsonl'}", f"Data.val_manifest={shapes / 'val.jsonl'}"])
     check_roundtrip_and_export(ckpt, tmp_path, stage)
     check_tokenizer_tool(ckpt, world, tmp_path)
+    if stage == "vqgan":  # the discriminator, an extra network, is saved beside the tokenizer
+        assert (ckpt / "discriminator.pdparams").is_file() and (ckpt / "discriminator.pdopt").is_file()
 
 
 def test_vilg_stage(world, vilg_ckpt, tmp_path) -> None:
@@ -169,7 +176,7 @@ def test_vilg_e2e_stage(world, tmp_path) -> None:
 
 def test_caption_finetune_stage(world, vilg_ckpt, tmp_path) -> None:
     ckpt = train("configs/finetune/shapes_caption.yaml", tmp_path / "ft", [
-        "Data.batch_size=4", "Data.stream_partitions=1", "Finetune.eval_items=2",
+        "Data.batch_size=4", "Data.stream_partitions=1", "Finetune.eval_items=2", "Data.max_text_len=48",
         f"Finetune.init_from={vilg_ckpt}", f"Data.train_shards={world['root'] / 'tokens' / 'train'}",
         f"Data.val_shards={world['root'] / 'tokens' / 'val'}", "Data.vocab_file="])
     check_roundtrip_and_export(ckpt, tmp_path, "caption_finetune")
@@ -187,7 +194,7 @@ def test_vqa_stage(world, tmp_path) -> None:
         "VQA.max_answer_len=8", f"Data.tokenizer_ckpt={world['vq']}"])
     check_roundtrip_and_export(ckpt, tmp_path, "vqa")
     bundle = load_bundle(ckpt, need_image_tokenizer=True)
-    answers = answer_image_questions(bundle, [world["shapes"] / "images" / "0.png"], ["什么颜色？"])
+    answers = answer_image_questions(bundle, [first_test_image(world)], ["什么颜色？"])
     assert len(answers) == 1 and isinstance(answers[0], str)
 
 

@@ -35,7 +35,9 @@ from typing import Any
 
 import numpy as np
 
-from ernie_vilg.convert.name_table import ConversionError, Rule, apply_table, write_tokenizer_checkpoint
+from ernie_vilg.convert.name_table import (
+    ConversionError, Rule, apply_table, tokenizer_target, write_tokenizer_checkpoint,
+)
 from ernie_vilg.convert.torch_pickle import (
     STORAGE_DTYPES,
     CheckpointFormatError,
@@ -43,6 +45,7 @@ from ernie_vilg.convert.torch_pickle import (
     StorageType,
     _archive_prefix,
     check_zip_size,
+    stand_in_class,
 )
 from ernie_vilg.safe_pickle import UnsafePickleError
 
@@ -73,14 +76,8 @@ class ModuleSkeleton:
         return f"<skeleton {self.qualname}>"
 
 
-_SKELETONS: dict[str, type] = {}
-
-
 def _skeleton_class(module: str, name: str) -> type:
-    qualname = f"{module}.{name}"
-    if qualname not in _SKELETONS:
-        _SKELETONS[qualname] = type(name, (ModuleSkeleton,), {"qualname": qualname})
-    return _SKELETONS[qualname]
+    return stand_in_class(ModuleSkeleton, module, name)
 
 
 def _device(*args: Any) -> str:
@@ -191,16 +188,8 @@ DECODER_TABLE = [Rule(r"(blocks\..+\.(w|b))", r"decoder.\1")]
 
 
 def convert_dalle(encoder_pkl: str | Path, decoder_pkl: str | Path, out: str | Path, image_size: int = 256) -> Path:
-    from ernie_vilg.config import Config
-    from ernie_vilg.vq.dvae import DVAE
-
     encoder, decoder = load_module_pickle(encoder_pkl), load_module_pickle(decoder_pkl)
-    vq_cfg = infer_dvae_config(encoder, decoder)
-    cfg = Config()
-    cfg.Global.stage = "dvae"
-    cfg.VQ = vq_cfg
-    cfg.Data.image_size = image_size
-    model = DVAE(vq_cfg)
+    cfg, model = tokenizer_target("dvae", infer_dvae_config(encoder, decoder), image_size)
     shapes = {k: list(v.shape) for k, v in model.state_dict().items()}
     enc_shapes = {k: v for k, v in shapes.items() if k.startswith("encoder.")}
     dec_shapes = {k: v for k, v in shapes.items() if k.startswith("decoder.")}

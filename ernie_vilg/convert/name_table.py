@@ -73,6 +73,20 @@ def apply_table(source: dict[str, np.ndarray], rules: list[Rule], model_shapes: 
     return out
 
 
+def tokenizer_target(stage: str, vq_cfg: Any, image_size: int) -> tuple[Any, Any]:
+    """(config, bare model) of the tokenizer checkpoint a converter writes: stage `stage` (vq,
+    vqgan or dvae), `VQ` inferred from the source weights, `Data.image_size`; the model is the
+    stage registry's."""
+    from ernie_vilg.config import Config
+    from ernie_vilg.stages import build_bare_model
+
+    cfg = Config()
+    cfg.Global.stage = stage
+    cfg.VQ = vq_cfg
+    cfg.Data.image_size = image_size
+    return cfg, build_bare_model(cfg)
+
+
 def write_tokenizer_checkpoint(out: str | Path, cfg: Any, model: Any, state: dict[str, np.ndarray],
                                meta: dict[str, Any]) -> Path:
     """Load `state` strictly into `model` (keep_init keys keep the model's values) and write a

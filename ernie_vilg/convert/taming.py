@@ -21,7 +21,9 @@ from typing import Optional
 
 import numpy as np
 
-from ernie_vilg.convert.name_table import ConversionError, Rule, apply_table, write_tokenizer_checkpoint
+from ernie_vilg.convert.name_table import (
+    ConversionError, Rule, apply_table, tokenizer_target, write_tokenizer_checkpoint,
+)
 
 # One table for taming's VQModel / GumbelVQ state dicts (first match wins).
 TAMING_TABLE: list[Rule] = [
@@ -91,16 +93,8 @@ def convert_taming(src: str | Path, out: str | Path, lpips_out: Optional[str | P
                    image_size: int = 256) -> Path:
     """Convert `src` (model.ckpt) into the checkpoint folder `out`; optionally write LPIPS weights."""
 
-    from ernie_vilg.config import Config
-    from ernie_vilg.vq.vqgan import VQGAN
-
     state = read_taming_state(src)
-    vq_cfg = infer_vq_config(state, image_size)
-    cfg = Config()
-    cfg.Global.stage = "vqgan"
-    cfg.VQ = vq_cfg
-    cfg.Data.image_size = image_size
-    model = VQGAN(vq_cfg)
+    cfg, model = tokenizer_target("vqgan", infer_vq_config(state, image_size), image_size)
     shapes = {k: list(v.shape) for k, v in model.state_dict().items()}
     conv = apply_table(state, TAMING_TABLE, shapes, KEEP_INIT, where=str(src))
     if lpips_out is not None:

@@ -68,14 +68,20 @@ class TorchScriptObject:
         return f"<{self.qualname}>"
 
 
-_SCRIPT_CLASSES: dict[str, type] = {}
+_STAND_INS: dict[tuple[type, str], type] = {}
+
+
+def stand_in_class(base: type, module: str, name: str) -> type:
+    """One inert subclass of `base` per pickled class name (its `qualname`), made once: pickles
+    get a class to instantiate that stores state and runs nothing."""
+    qualname = f"{module}.{name}"
+    if (base, qualname) not in _STAND_INS:
+        _STAND_INS[(base, qualname)] = type(name, (base,), {"qualname": qualname})
+    return _STAND_INS[(base, qualname)]
 
 
 def _script_class(module: str, name: str) -> type:
-    qualname = f"{module}.{name}"
-    if qualname not in _SCRIPT_CLASSES:
-        _SCRIPT_CLASSES[qualname] = type(name, (TorchScriptObject,), {"qualname": qualname})
-    return _SCRIPT_CLASSES[qualname]
+    return stand_in_class(TorchScriptObject, module, name)
 
 
 def _rebuild_tensor_v2(storage: np.ndarray, storage_offset: int, size: tuple, stride: tuple,

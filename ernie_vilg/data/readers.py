@@ -69,15 +69,17 @@ def clean_caption(text: str) -> str:
     return _NEWLINES.sub("", text).strip().rstrip("。").strip()
 
 
-def _load_json(path: Path) -> Any:
+def load_json(path: Path, error: type[Exception] = DatasetFormatError) -> Any:
+    """A UTF-8 JSON file; `error` (one line naming the file, and the line for bad JSON) when it
+    is missing, not UTF-8 or not JSON."""
     if not path.is_file():
-        raise DatasetFormatError(f"{path}: file not found")
+        raise error(f"{path}: file not found")
     try:
         return json.loads(path.read_bytes().decode("utf-8"))
     except UnicodeDecodeError as exc:
-        raise DatasetFormatError(f"{path}: not UTF-8 ({exc.reason} at byte {exc.start})") from None
+        raise error(f"{path}: not UTF-8 ({exc.reason} at byte {exc.start})") from None
     except json.JSONDecodeError as exc:
-        raise DatasetFormatError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from None
+        raise error(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from None
 
 
 def _text_lines(path: Path) -> Iterator[tuple[int, str]]:
@@ -118,7 +120,7 @@ def _coco_candidates(name: str, split_hint: str | None = None) -> list[str]:
 
 def read_aic_icc(path: str | Path) -> list[Item]:
     path = Path(path)
-    data = _load_json(path)
+    data = load_json(path)
     if not isinstance(data, list):
         raise DatasetFormatError(f"{path}: expected a JSON list of {{url, image_id, caption}} items")
     items = []
@@ -206,7 +208,7 @@ def read_coco_cn(inputs: Sequence[str | Path], split: str | None = None) -> list
 def read_fmiqa(path: str | Path, split: str | None = None) -> list[Item]:
     """FM-IQA question/answer pairs; text = the answer (the generation target)."""
     path = Path(path)
-    data = _load_json(path)
+    data = load_json(path)
     if not isinstance(data, dict) or not all(isinstance(v, list) for v in data.values()):
         raise DatasetFormatError(f"{path}: expected {{\"train\": [...], \"val\": [...]}}")
     if split is not None and split not in data:
@@ -242,7 +244,7 @@ def read_fmiqa(path: str | Path, split: str | None = None) -> list[Item]:
 def load_coco_captions(path: str | Path) -> list[CocoImage]:
     """A COCO caption JSON (``images`` + ``annotations``): images in file order with their captions."""
     path = Path(path)
-    data = _load_json(path)
+    data = load_json(path)
     if not isinstance(data, dict) or not isinstance(data.get("images"), list) \
             or not isinstance(data.get("annotations"), list):
         raise DatasetFormatError(f"{path}: expected a COCO caption JSON with 'images' and 'annotations' lists")

@@ -27,6 +27,8 @@ import unicodedata
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
+from ernie_vilg.data.readers import load_json
+
 log = logging.getLogger(__name__)
 
 TOKENIZATIONS = ("char", "word", "whitespace")
@@ -169,17 +171,6 @@ def read_coco_refs(path: str | Path) -> dict[str, list[str]]:
     return refs
 
 
-def _load_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_bytes().decode("utf-8"))
-    except UnicodeDecodeError as exc:
-        raise CaptionDataError(f"{path}: not UTF-8 ({exc.reason} at byte {exc.start})") from None
-    except json.JSONDecodeError as exc:
-        raise CaptionDataError(f"{path}:{exc.lineno}: not valid JSON ({exc.msg})") from None
-    except FileNotFoundError:
-        raise CaptionDataError(f"{path}: file not found") from None
-
-
 def read_coco_results(path: str | Path) -> dict[str, str]:
     """Predictions in either coco-caption format, keyed by image id (as a string).
 
@@ -188,7 +179,7 @@ def read_coco_results(path: str | Path) -> dict[str, str]:
       (e.g. COCO-CN's published ``result_seqlearn.txt``).
     """
     path = Path(path)
-    data = _load_json(path)
+    data = load_json(path, CaptionDataError)
     preds: dict[str, str] = {}
     if isinstance(data, dict) and isinstance(data.get("imgToEval"), dict):
         for key, ev in data["imgToEval"].items():
@@ -215,7 +206,7 @@ def read_coco_results(path: str | Path) -> dict[str, str]:
 def read_coco_eval_overall(path: str | Path) -> dict[str, float]:
     """The ``overall`` block of a coco-caption evaluation dump, renamed to our keys, 0-100 scale."""
     path = Path(path)
-    data = _load_json(path)
+    data = load_json(path, CaptionDataError)
     if not isinstance(data, dict) or not isinstance(data.get("overall"), dict):
         raise CaptionDataError(f"{path}: no 'overall' block")
     names = {"Bleu_1": "BLEU-1", "Bleu_2": "BLEU-2", "Bleu_3": "BLEU-3", "Bleu_4": "BLEU-4",

@@ -23,7 +23,7 @@ query rows change (`sparse_masks.text_rows_mask`); image rows keep their pattern
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import paddle
@@ -241,10 +241,21 @@ class SelfAttention(nn.Layer):
         # [B, H, T, D] -> [B, T, H, D] -> [B, T, H*D]
         return self.dropout(self.proj(out.transpose([0, 2, 1, 3]).reshape([B, T, H * D])))
 
+    def _cached_mask(self, layout: StreamLayout, build: Any) -> Tensor:
+        """The additive mask of `layout`, built once per layout in eager mode. While a graph is
+        traced (paddle.jit.to_static, tools/export.py) a built tensor belongs to that graph's
+        program, so it is never kept: a second graph with the same layout would use a value of
+        another program."""
+        mask = self._mask_cache.get(layout)
+        if mask is None:
+            mask = build()
+            if paddle.in_dynamic_mode():
+                self._mask_cache[layout] = mask
+        return mask
+
     def _full_mask(self, layout: StreamLayout, dtype: paddle.dtype) -> Tensor:
-        if layout not in self._mask_cache:
-            self._mask_cache[layout] = to_additive(stream_mask(layout, self.kind), self.fill_value)
-        return self._mask_cache[layout].astype(dtype)
+        return self._cached_mask(layout, lambda: to_additive(stream_mask(layout, self.kind), self.fill_value)
+                                 ).astype(dtype)
 
     def forward(self, x: Tensor, layout: StreamLayout, cache: LayerKV | None = None,
                 text_prefix: np.ndarray | None = None) -> Tensor:
@@ -284,10 +295,11 @@ class SelfAttention(nn.Layer):
                     for i, half in enumerate(layout.halves)]
             return paddle.concat(outs, axis=0)
         B2, H, T, _ = q.shape
-        if layout not in self._mask_cache:
+        def build() -> Tensor:
             masks = np.stack([stream_mask(half, self.kind) for half in layout.halves])  # [2, T, T]
-            self._mask_cache[layout] = to_additive(masks, self.fill_value).reshape([2, 1, 1, T, T])
-        additive = self._mask_cache[layout].astype(q.dtype)
+            return to_additive(masks, self.fill_value).reshape([2, 1, 1, T, T])
+
+        additive = self._cached_mask(layout, build).astype(q.dtype)
         scores = paddle.matmul(q, k, transpose_y=True).reshape([2, B2 // 2, H, T, T]) + additive
         probs = F.softmax(scores, axis=-1).reshape([B2, H, T, T])
         return paddle.matmul(probs, v)

@@ -67,12 +67,15 @@ def build_bare_model(cfg: Config, ckpt_dir: Optional[Path] = None) -> DualEncode
 
 
 class _Embed(paddle.nn.Layer):
-    def __init__(self, encode: Any) -> None:
+    """One tower of the dual encoder as a layer of its own (the model is a sublayer, so its
+    parameters are this layer's: paddle.jit.save needs that)."""
+
+    def __init__(self, model: DualEncoder, tower: str) -> None:
         super().__init__()
-        self.encode = encode
+        self.model, self.tower = model, tower
 
     def forward(self, x: paddle.Tensor) -> paddle.Tensor:
-        return self.encode(x)
+        return self.model.embed_images(x) if self.tower == "images" else self.model.embed_texts(x)
 
 
 def export_reranker(model: DualEncoder, cfg: Config, batch_size: int) -> list[ExportGraph]:
@@ -80,12 +83,12 @@ def export_reranker(model: DualEncoder, cfg: Config, batch_size: int) -> list[Ex
     cosine (the calibrated score adds the checkpoint's `calib_a` / `calib_b`: sigmoid(a cos + b))."""
     size, L, d = cfg.Data.image_size, cfg.Data.max_text_len, cfg.Reranker.embed_dim
     return [
-        ExportGraph("reranker_images", _Embed(model.embed_images),
+        ExportGraph("reranker_images", _Embed(model, "images"),
                     [paddle.static.InputSpec([None, 3, size, size], "float32", "images")],
                     [{"name": "images", "shape": [-1, 3, size, size], "dtype": "float32"}],
                     [{"name": "embeddings", "shape": [-1, d], "dtype": "float32"}],
                     "images in [-1, 1] (center crop at Data.image_size) -> unit embeddings"),
-        ExportGraph("reranker_texts", _Embed(model.embed_texts),
+        ExportGraph("reranker_texts", _Embed(model, "texts"),
                     [paddle.static.InputSpec([None, L], "int64", "text_ids")],
                     [{"name": "text_ids", "shape": [-1, L], "dtype": "int64"}],
                     [{"name": "embeddings", "shape": [-1, d], "dtype": "float32"}],

@@ -90,7 +90,10 @@ def map_pixels(x01: Tensor, eps: float = LOGIT_LAPLACE_EPS) -> Tensor:
     return (1.0 - 2.0 * eps) * x01 + eps
 
 
-def unmap_pixels(x: Tensor, eps: float = LOGIT_LAPLACE_EPS) -> Tensor:
+def unmap_pixels(x: Tensor, eps: float | None = None) -> Tensor:
+    # eps resolved in the body: paddle.jit.to_static (the vq_decoder export) re-executes the def in
+    # a module where a default naming this module's constant is undefined
+    eps = LOGIT_LAPLACE_EPS if eps is None else eps
     return paddle.clip((x - eps) / (1.0 - 2.0 * eps), 0.0, 1.0)
 
 
