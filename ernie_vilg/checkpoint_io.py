@@ -5,22 +5,31 @@ and writes checkpoints through it.
 
 A checkpoint is a folder that any tool loads with `--ckpt DIR` alone:
 
-    model.pdparams      model weights (state_dict; full weights even under sharding)
-    optimizer.pdopt     optimizer state, keyed by structured parameter names (single process / dp)
-    optimizer.shard-SS-of-NN.pdopt   under sharding: sharding rank SS's part (saved by dp rank 0)
+    model-KKKKK-of-NNNNN.safetensors   model weights, split over the N ranks that wrote them (each
+                        rank its part of the names); full weights even under sharding
+    model.safetensors.index.json       which file holds each tensor (PaddleNLP's unified layout)
+    optimizer-KKKKK-of-NNNNN.safetensors + optimizer.safetensors.index.json
+                        optimizer state keyed by structured parameter names: a part of the names
+                        per rank (dp), or each sharding rank's own states (stages 1 / 2); nested
+                        keys joined by "/", non-tensor entries (LR scheduler) as JSON metadata
+    optimizer.shard-SS-of-NN.pdopt     stage 3 only (GPU): sharding rank SS's flat slices
     trainer_state.pd    step, data position, RNG states, scaler state (rank 0's)
     rank_state.RRRRR.pd each rank's data position and RNG states (multi-process runs)
     config.yaml         the resolved config
     meta.json           what produced it (written last: its presence marks a complete folder)
     ...                 stage extras (vocab.txt, tokenizer/ ...)
 
+Checkpoints written before the sharded layout (`model.pdparams`, `optimizer.pdopt`,
+`optimizer.shard-*.pdopt` of any stage) still load. Weights are written one tensor at a time
+(`safetensors_file.write_safetensors_streaming`) and read lazily, one tensor at a time.
+
 Saving writes everything into `<name>.tmp-<pid of rank 0>` and renames it to `<name>` at the
 end, so a crash mid-save leaves only a temporary folder that loading ignores and the next save
-removes. Stage-1 / stage-2 optimizer shards hold whole parameters' states, so their union is the
+removes. Stage-1 / stage-2 optimizer states are whole parameters' states, so their union is the
 full optimizer state and loads under any sharding degree; stage 3 shards hold flat slices and
 load only under the degree that wrote them (`load_optimizer_state` says so).
-These are the project's own files: `paddle.load` is used on them; never point it at a file
-from outside (use `ernie_vilg.convert` readers for those).
+The pickles here are the project's own (trainer and rank state, old-layout weights); they are
+read through `safe_pickle.safe_load` all the same.
 """
 from __future__ import annotations
 
@@ -39,7 +48,191 @@ import paddle
 from ernie_vilg.config import Config, load_saved_config, save_config
 
 STEP_DIR = re.compile(r"^step-(\d+)$")
-REQUIRED_FILES = ("model.pdparams", "config.yaml", "meta.json")
+REQUIRED_FILES = ("config.yaml", "meta.json")  # + the weights: an index of shards or model.pdparams
+LEGACY_WEIGHTS = "model.pdparams"
+WEIGHTS_PREFIX, OPTIMIZER_PREFIX = "model", "optimizer"
+SHARDED_FILE = re.compile(r"^(model|optimizer)-(\d{5})-of-(\d{5})\.safetensors$")
+
+
+def shard_name(prefix: str, index: int, count: int) -> str:
+    """`model-00001-of-00002.safetensors` for index 0 of 2."""
+    return f"{prefix}-{index + 1:05d}-of-{count:05d}.safetensors"
+
+
+def index_name(prefix: str) -> str:
+    return f"{prefix}.safetensors.index.json"
+
+
+def has_weights(folder: Path) -> bool:
+    """A folder with model weights in either layout (sharded safetensors, or model.pdparams)."""
+    return (folder / index_name(WEIGHTS_PREFIX)).is_file() or (folder / LEGACY_WEIGHTS).is_file()
+
+
+def weight_files(folder: Path) -> list[str]:
+    """The names of the files that hold a checkpoint's model weights (to copy a sub-checkpoint)."""
+    if (folder / index_name(WEIGHTS_PREFIX)).is_file():
+        index = json.loads((folder / index_name(WEIGHTS_PREFIX)).read_text(encoding="utf-8"))
+        return [index_name(WEIGHTS_PREFIX), *sorted(set(index["weight_map"].values()))]
+    return [LEGACY_WEIGHTS] if (folder / LEGACY_WEIGHTS).is_file() else []
+
+
+def save_weights(folder: Path, state: dict[str, Any]) -> None:
+    """Write (or replace) the model weights of a checkpoint folder: one shard and its index."""
+    for f in folder.glob(f"{WEIGHTS_PREFIX}-*-of-*.safetensors"):
+        f.unlink()
+    (folder / LEGACY_WEIGHTS).unlink(missing_ok=True)
+    write_shard(folder, WEIGHTS_PREFIX, state, 0, 1)
+    write_index(folder, WEIGHTS_PREFIX)
+
+
+def copy_loadable(src: Path, dst: Path) -> None:
+    """Copy what loading a checkpoint needs (weights of either layout, config.yaml, meta.json)
+    into `dst`: a sub-checkpoint such as the image tokenizer inside a vilg checkpoint."""
+    dst.mkdir(parents=True, exist_ok=True)
+    for name in (*weight_files(src), *REQUIRED_FILES):
+        if (src / name).is_file():
+            shutil.copyfile(src / name, dst / name)
+
+
+def is_weight_file(name: str) -> bool:
+    """Model / optimizer weight files of either layout (not text extras)."""
+    return bool(SHARDED_FILE.match(name)) or name in (LEGACY_WEIGHTS, index_name(WEIGHTS_PREFIX),
+                                                      index_name(OPTIMIZER_PREFIX))
+
+
+# ---- sharded safetensors ---------------------------------------------------------------------
+def partition_names(state: dict[str, Any], parts: int) -> list[list[str]]:
+    """Split the names of `state` into `parts` lists of about equal bytes (largest first, each to
+    the lightest part; ties by name), the same on every rank."""
+    import numpy as np
+
+    from ernie_vilg.safetensors_file import DTYPES, tensor_spec
+
+    def nbytes(name: str) -> int:
+        dtype, shape = tensor_spec(state[name], name)
+        return int(np.prod(shape, dtype=np.int64)) * np.dtype(DTYPES[dtype][1]).itemsize
+
+    sizes = {name: nbytes(name) for name in state}
+    out: list[list[str]] = [[] for _ in range(parts)]
+    load = [0] * parts
+    for name in sorted(state, key=lambda n: (-sizes[n], n)):
+        k = min(range(parts), key=lambda i: (load[i], i))
+        out[k].append(name)
+        load[k] += sizes[name]
+    return out
+
+
+def flatten_state(state: dict[str, Any], prefix: str = "") -> tuple[dict[str, Any], dict[str, Any]]:
+    """(tensors keyed "a/b", everything else as a nested dict): a nested state dict (optimizer
+    state: master weights, LR scheduler) split into what safetensors holds and what JSON holds."""
+    import numpy as np
+
+    tensors: dict[str, Any] = {}
+    other: dict[str, Any] = {}
+    for key, value in state.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            t, o = flatten_state(value, f"{name}/")
+            tensors.update(t)
+            if o:
+                other[key] = o
+        elif isinstance(value, (paddle.Tensor, np.ndarray)):
+            tensors[name] = value
+        else:
+            other[key] = value
+    return tensors, other
+
+
+def unflatten_state(tensors: dict[str, Any], other: dict[str, Any]) -> dict[str, Any]:
+    state: dict[str, Any] = json.loads(json.dumps(other))  # a deep copy of plain JSON values
+    for name, value in tensors.items():
+        *path, leaf = name.split("/")
+        node = state
+        for part in path:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return state
+
+
+def write_shard(folder: Path, prefix: str, state: dict[str, Any], index: int, count: int) -> None:
+    """One rank's part of a sharded state: `state` (nested dicts allowed) -> one safetensors
+    file; its non-tensor entries go into the file's metadata. Tensors are copied to host memory
+    one at a time."""
+    from ernie_vilg.safetensors_file import write_safetensors_streaming
+
+    tensors, other = flatten_state(state)
+    write_safetensors_streaming(tensors, folder / shard_name(prefix, index, count),
+                                {"format": "ernie-vilg", "other": json.dumps(other)})
+
+
+def write_partition(folder: Path, prefix: str, state: dict[str, Any], rank: int, world: int) -> None:
+    """This rank's `partition_names` share of a state every rank holds whole (dp weights)."""
+    from ernie_vilg.safetensors_file import write_safetensors_streaming
+
+    tensors, other = flatten_state(state)
+    part = {name: tensors[name] for name in partition_names(tensors, world)[rank]}
+    write_safetensors_streaming(part, folder / shard_name(prefix, rank, world),
+                                {"format": "ernie-vilg", "other": json.dumps(other if rank == 0 else {})})
+
+
+def write_index(folder: Path, prefix: str) -> Optional[Path]:
+    """`<prefix>.safetensors.index.json` from the headers of the shard files in `folder` (written
+    once, by the committing rank, after every rank wrote its file); None without shards."""
+    from ernie_vilg.safetensors_file import SafetensorsReader
+
+    files = sorted(f for f in folder.iterdir() if (m := SHARDED_FILE.match(f.name)) and m.group(1) == prefix)
+    if not files:
+        return None
+    counts = {int(SHARDED_FILE.match(f.name).group(3)) for f in files}
+    if len(counts) != 1 or len(files) != counts.pop():
+        raise CheckpointError(f"{folder}: incomplete {prefix} shards ({', '.join(f.name for f in files)})")
+    weight_map: dict[str, str] = {}
+    total = 0
+    for f in files:
+        with SafetensorsReader(f) as reader:
+            for name in reader.keys():
+                if name in weight_map:
+                    raise CheckpointError(f"{folder}: tensor {name} is in {weight_map[name]} and {f.name}")
+                weight_map[name] = f.name
+                begin, end = reader.header[name]["data_offsets"]
+                total += end - begin
+    path = folder / index_name(prefix)
+    path.write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=1),
+                    encoding="utf-8")
+    return path
+
+
+def read_sharded(folder: Path, prefix: str, keep: Optional[Callable[[str], bool]] = None) -> dict[str, Any]:
+    """The state a sharded index describes (nested dicts rebuilt), each tensor read once and
+    lazily; `keep(name)` False skips a tensor (never read from disk)."""
+    from ernie_vilg.safetensors_file import SafetensorsError, SafetensorsReader
+
+    index_path = folder / index_name(prefix)
+    try:
+        index = json.loads(index_path.read_text(encoding="utf-8"))
+        files = sorted(set(index["weight_map"].values()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise CheckpointError(f"{index_path}: unreadable index ({type(exc).__name__}: {exc})") from None
+    tensors: dict[str, Any] = {}
+    other: dict[str, Any] = {}
+    for name in files:
+        if not SHARDED_FILE.match(name):
+            raise CheckpointError(f"{index_path}: {name!r} is not a shard file name")
+        try:
+            with SafetensorsReader(folder / name) as reader:
+                extra = json.loads(reader.metadata.get("other", "{}") or "{}")
+                for key, value in extra.items():
+                    other.setdefault(key, value)  # shared scalars (LR scheduler): the first file's
+                for key in reader.keys():
+                    if keep is None or keep(key):
+                        tensors[key] = reader.get(key)
+        except (SafetensorsError, ValueError) as exc:
+            raise CheckpointError(f"{folder / name}: cannot load ({exc})") from None
+    missing = sorted(set(index["weight_map"]) - set(tensors) - {k for k in index["weight_map"]
+                                                                  if keep is not None and not keep(k)})
+    if missing:
+        raise CheckpointError(f"{index_path}: tensors listed but not found: {', '.join(missing[:3])}")
+    return unflatten_state(tensors, other)
 
 
 class CheckpointError(ValueError):
@@ -120,8 +313,13 @@ def commit_checkpoint(
     meta: Optional[dict[str, Any]] = None,
     extras: Optional[Callable[[Path], None]] = None,
     keep_last: int = 0,
+    shards_written: bool = False,
 ) -> Path:
     """Write the shared files into `tmp`, meta.json last, then rename `tmp` to `final`.
+
+    The weights (and `optimizer_state`) are written as one shard each, unless `shards_written`:
+    then every rank has written its part already and only the indexes are written here
+    (`model_state` is still checked for non-finite values).
 
     Non-finite weights are refused before anything is written (the newest checkpoint stays the
     last good state). A write that fails (disk full, read-only) removes `tmp` and raises one-line
@@ -135,9 +333,12 @@ def commit_checkpoint(
                               f"{' ...' if len(bad) > 3 else ''}; the newest checkpoint is the last good state "
                               "(lower Optimizer.lr?)")
     try:
-        paddle.save(model_state, str(tmp / "model.pdparams"))
-        if optimizer_state is not None:
-            paddle.save(optimizer_state, str(tmp / "optimizer.pdopt"))
+        if not shards_written:
+            write_shard(tmp, WEIGHTS_PREFIX, model_state, 0, 1)
+            if optimizer_state is not None:
+                write_shard(tmp, OPTIMIZER_PREFIX, optimizer_state, 0, 1)
+        write_index(tmp, WEIGHTS_PREFIX)
+        write_index(tmp, OPTIMIZER_PREFIX)
         if trainer_state is not None:
             paddle.save(trainer_state, str(tmp / "trainer_state.pd"))
         save_config(cfg, tmp / "config.yaml")
@@ -263,6 +464,8 @@ def load_optimizer_state(ckpt: Path, sharding_rank: int = 0, sharding_degree: in
     which each sharded optimizer takes its own parameters, so any sharding degree works. A stage-3
     checkpoint stores flat slices whose boundaries depend on the degree: it loads only under the
     same degree."""
+    if (ckpt / index_name(OPTIMIZER_PREFIX)).is_file():
+        return read_sharded(ckpt, OPTIMIZER_PREFIX)
     if (ckpt / "optimizer.pdopt").is_file():
         return _load(ckpt / "optimizer.pdopt")
     files = optimizer_shards(ckpt)
@@ -303,13 +506,13 @@ def list_checkpoints(root: str | Path) -> list[Path]:
     found = []
     for d in root.iterdir():
         m = STEP_DIR.match(d.name)
-        if m and d.is_dir() and all((d / f).is_file() for f in REQUIRED_FILES):
+        if m and d.is_dir() and all((d / f).is_file() for f in REQUIRED_FILES) and has_weights(d):
             found.append((int(m.group(1)), d))
     return [d for _, d in sorted(found)]
 
 
 def _complete(folder: Path) -> bool:
-    return folder.is_dir() and all((folder / f).is_file() for f in REQUIRED_FILES)
+    return folder.is_dir() and all((folder / f).is_file() for f in REQUIRED_FILES) and has_weights(folder)
 
 
 def _dead_leftovers(root: Path) -> list[tuple[Path, str, str]]:
@@ -406,12 +609,15 @@ def load_checkpoint_config(path: str | Path) -> tuple[Path, Config]:
 
 
 def load_model_state(ckpt: Path) -> dict[str, Any]:
+    """The model weights of a checkpoint folder, in either layout."""
     from ernie_vilg.safe_pickle import safe_load
 
+    if (ckpt / index_name(WEIGHTS_PREFIX)).is_file():
+        return read_sharded(ckpt, WEIGHTS_PREFIX)
     try:
-        return safe_load(ckpt / "model.pdparams")
+        return safe_load(ckpt / LEGACY_WEIGHTS)
     except Exception as exc:  # paddle raises assorted types for truncated files
-        raise CheckpointError(f"{ckpt / 'model.pdparams'}: cannot load ({type(exc).__name__}: {exc})") from None
+        raise CheckpointError(f"{ckpt / LEGACY_WEIGHTS}: cannot load ({type(exc).__name__}: {exc})") from None
 
 
 def optional_state_keys(model: paddle.nn.Layer) -> set[str]:

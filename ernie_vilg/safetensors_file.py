@@ -58,8 +58,9 @@ def _raw(value: Any, name: str) -> tuple[str, np.ndarray]:
         raise SafetensorsError(f"{name}: a {type(value).__name__} is not a tensor")
     if dtype not in DTYPES:
         raise SafetensorsError(f"{name}: dtype {dtype} is not supported (supported: {', '.join(DTYPES)})")
-    # np.array(order="C"), not ascontiguousarray: the latter turns 0-d arrays into 1-d
-    return dtype, np.array(arr, dtype=np.dtype(DTYPES[dtype][1]), order="C")
+    # asarray(order="C"), not ascontiguousarray (which turns 0-d arrays into 1-d): no copy when
+    # the array already has the bytes' layout, so a tensor costs one host copy (its .numpy())
+    return dtype, np.asarray(arr, dtype=np.dtype(DTYPES[dtype][1]), order="C")
 
 
 def save_safetensors(state: dict[str, Any], path: str | Path, metadata: Optional[dict[str, str]] = None) -> Path:
@@ -124,3 +125,158 @@ def load_safetensors(path: str | Path) -> tuple[dict[str, Any], dict[str, str]]:
             tensor = tensor.astype(dtype)  # e.g. bool / uint8 buffers Paddle widened
         state[name] = tensor
     return state, metadata
+
+
+# --------------------------------------------------------------------------------------------
+# streaming: one tensor in host memory at a time
+# --------------------------------------------------------------------------------------------
+HEADER_LIMIT = 100 << 20  # a header larger than this is not a weight file (a hostile length field)
+
+
+def tensor_spec(value: Any, name: str) -> tuple[str, list[int]]:
+    """(paddle dtype name, shape) without copying the data."""
+    import paddle
+
+    if isinstance(value, paddle.Tensor):
+        dtype, shape = str(value.dtype).replace("paddle.", ""), [int(d) for d in value.shape]
+    elif isinstance(value, np.ndarray):
+        if value.dtype.name not in _NUMPY_NAMES:
+            raise SafetensorsError(f"{name}: numpy dtype {value.dtype} is not supported "
+                                   f"(supported: {', '.join(_NUMPY_NAMES)})")
+        dtype, shape = _NUMPY_NAMES[value.dtype.name], list(value.shape)
+    else:
+        raise SafetensorsError(f"{name}: a {type(value).__name__} is not a tensor")
+    if dtype not in DTYPES:
+        raise SafetensorsError(f"{name}: dtype {dtype} is not supported (supported: {', '.join(DTYPES)})")
+    return dtype, shape
+
+
+def write_safetensors_streaming(state: dict[str, Any], path: str | Path,
+                                metadata: Optional[dict[str, str]] = None) -> int:
+    """Write `state` ({name: Tensor or ndarray}) as a safetensors file, copying one tensor at a
+    time to host memory: the header comes from shapes and dtypes alone, then each tensor's bytes
+    are written and dropped. Atomic (temporary name, fsync, rename). Returns the bytes of data.
+
+    The layout is the safetensors format (an 8-byte little-endian header length, the JSON header
+    with each tensor's dtype, shape and [begin, end) data offsets, then the raw little-endian
+    bytes), so `safetensors` and `read_safetensors` read it."""
+    path = Path(path)
+    header: dict[str, Any] = {}
+    offset = 0
+    specs = {}
+    for name, value in state.items():
+        dtype, shape = tensor_spec(value, name)
+        nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(DTYPES[dtype][1]).itemsize
+        header[name] = {"dtype": DTYPES[dtype][0], "shape": shape, "data_offsets": [offset, offset + nbytes]}
+        specs[name] = (dtype, nbytes)
+        offset += nbytes
+    if metadata:
+        header["__metadata__"] = {k: str(v) for k, v in metadata.items()}
+    text = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    text += b" " * (-len(text) % 8)  # data starts 8-byte aligned, as the library writes it
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tmp.open("wb") as fh:
+        fh.write(len(text).to_bytes(8, "little"))
+        fh.write(text)
+        for name, value in state.items():
+            dtype, arr = _raw(value, name)  # the one host copy alive at a time
+            if arr.nbytes != specs[name][1]:
+                raise SafetensorsError(f"{name}: changed size while being written")
+            if arr.size:
+                fh.write(memoryview(arr.reshape(-1)).cast("B"))  # the array's own buffer: no second copy
+            del arr
+        fh.flush()
+        os.fsync(fh.fileno())
+    tmp.replace(path)
+    return offset
+
+
+class SafetensorsReader:
+    """Lazy reader: the header is checked on open, each tensor is read from disk when asked for
+    (`get`), so loading never holds more than the tensors the caller keeps. No code runs.
+
+        with SafetensorsReader(path) as r:
+            for name in r.keys():
+                tensor = r.get(name)          # paddle.Tensor, dtype as stored
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise SafetensorsError(f"{self.path}: safetensors file not found")
+        self._fh = self.path.open("rb")
+        try:
+            self.header, self.metadata, self._data_start = self._read_header()
+        except BaseException:
+            self._fh.close()
+            raise
+
+    def _read_header(self) -> tuple[dict[str, Any], dict[str, str], int]:
+        size = self.path.stat().st_size
+        head = self._fh.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if n < 2 or n > min(HEADER_LIMIT, size - 8):
+            raise SafetensorsError(f"{self.path}: not a valid safetensors file (header length {n} of a "
+                                   f"{size}-byte file)")
+        try:
+            header = json.loads(self._fh.read(n).decode("utf-8"))
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise SafetensorsError(f"{self.path}: not a valid safetensors file (header: {exc})") from None
+        if not isinstance(header, dict):
+            raise SafetensorsError(f"{self.path}: not a valid safetensors file (header is not an object)")
+        metadata = header.pop("__metadata__", None) or {}
+        data_len, spans = size - 8 - n, []
+        for name, spec in header.items():
+            try:
+                dtype, shape, (begin, end) = spec["dtype"], [int(d) for d in spec["shape"]], spec["data_offsets"]
+            except (KeyError, TypeError, ValueError):
+                raise SafetensorsError(f"{self.path}: tensor {name}: malformed header entry") from None
+            if dtype not in _FROM_ST:
+                raise SafetensorsError(f"{self.path}: tensor {name} has dtype {dtype}, which Paddle models here "
+                                       f"do not use (supported: {', '.join(_FROM_ST)})")
+            expected = int(np.prod(shape, dtype=np.int64)) * np.dtype(_FROM_ST[dtype][1]).itemsize
+            if not (isinstance(begin, int) and isinstance(end, int) and 0 <= begin <= end <= data_len) \
+                    or end - begin != expected or min(shape, default=0) < 0:
+                raise SafetensorsError(f"{self.path}: tensor {name}: offsets {[begin, end]} do not hold "
+                                       f"{dtype} {shape} within the file's {data_len} data bytes")
+            spans.append((begin, end, name))
+        spans.sort()
+        for (b0, e0, n0), (b1, _, n1) in zip(spans, spans[1:]):
+            if b1 < e0:
+                raise SafetensorsError(f"{self.path}: tensors {n0} and {n1} overlap")
+        return header, {str(k): str(v) for k, v in metadata.items()}, 8 + n
+
+    def keys(self) -> list[str]:
+        return list(self.header)
+
+    def shape(self, name: str) -> list[int]:
+        return list(self.header[name]["shape"])
+
+    def get(self, name: str) -> Any:
+        """The tensor `name` as a paddle.Tensor with its stored dtype (bfloat16 included)."""
+        import paddle
+
+        spec = self.header.get(name)
+        if spec is None:
+            raise SafetensorsError(f"{self.path}: no tensor {name}")
+        dtype, raw_dtype = _FROM_ST[spec["dtype"]]
+        begin, end = spec["data_offsets"]
+        self._fh.seek(self._data_start + begin)
+        flat = np.empty(int(np.prod(spec["shape"], dtype=np.int64)), dtype=np.dtype(raw_dtype))
+        if flat.size and self._fh.readinto(memoryview(flat).cast("B")) != end - begin:  # read in place
+            raise SafetensorsError(f"{self.path}: tensor {name} is truncated")
+        # uint16 bits -> bfloat16, others keep their dtype; to_tensor makes 0-d arrays 1-d
+        tensor = paddle.to_tensor(flat).reshape(spec["shape"])
+        if str(tensor.dtype).replace("paddle.", "") != dtype:
+            tensor = tensor.astype(dtype)
+        return tensor
+
+    def close(self) -> None:
+        self._fh.close()
+
+    def __enter__(self) -> "SafetensorsReader":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()

@@ -18,6 +18,7 @@ SIZE = 16
 
 def write_tiny_checkpoint(root: Path, seed: int = 0, *overrides: str) -> Path:
     """Return the checkpoint folder (root/vilg/checkpoints/step-00000001)."""
+    from ernie_vilg.checkpoint_io import copy_loadable
     from ernie_vilg.models.transformer import ErnieViLG
     from ernie_vilg.vq.registry import build_tokenizer
 
@@ -38,9 +39,7 @@ def write_tiny_checkpoint(root: Path, seed: int = 0, *overrides: str) -> Path:
 
     def extras(folder: Path) -> None:  # as VilgTrainModule.save_extras lays them out
         (folder / "vocab.txt").write_text(vocab.read_text(encoding="utf-8"), encoding="utf-8")
-        (folder / "image_tokenizer").mkdir()
-        for name in ("model.pdparams", "config.yaml", "meta.json"):
-            (folder / "image_tokenizer" / name).write_bytes((vq_ckpt / name).read_bytes())
+        copy_loadable(vq_ckpt, folder / "image_tokenizer")
         (folder / "vilg.json").write_text(json.dumps({"vocab": "vocab.txt", "image_tokenizer": "image_tokenizer"}),
                                           encoding="utf-8")
 

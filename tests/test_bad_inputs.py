@@ -262,7 +262,7 @@ def test_truncated_checkpoint_weights(tmp_path):
     from ernie_vilg.vq.registry import load_tokenizer
 
     ckpt = make_checkpoint(tmp_path / "ckpts", tiny_vq_config())
-    weights = ckpt / "model.pdparams"
+    weights = ckpt / "model-00001-of-00001.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])
-    with pytest.raises(CheckpointError, match=r"model\.pdparams: cannot load"):
+    with pytest.raises(CheckpointError, match=r"model-00001-of-00001\.safetensors: cannot load"):
         load_tokenizer(ckpt)

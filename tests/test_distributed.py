@@ -23,10 +23,10 @@ from toy_stage import ToyStage, toy_overrides  # noqa: E402
 from ernie_vilg.config import ConfigError, load_config  # noqa: E402
 from ernie_vilg.training import distributed as D  # noqa: E402
 from ernie_vilg.checkpoint_io import (  # noqa: E402
+    flatten_state,
     CheckpointError,
     list_checkpoints,
     load_optimizer_state,
-    state_bytes,
 )
 from ernie_vilg.training.trainer import Trainer  # noqa: E402
 
@@ -276,8 +276,14 @@ def test_stage1_two_processes_match_one_process(sd2_run):
         held = json.loads((out / "memory" / f"rank-{rank:05d}.json").read_text())["optimizer_state_bytes"]
         assert abs(held - full / 2) <= 0.05 * full, (held, full)
     last = list_checkpoints(out / "checkpoints")[-1]
-    assert sorted(f.name for f in last.glob("optimizer.shard-*")) == ["optimizer.shard-00-of-02.pdopt",
-                                                                      "optimizer.shard-01-of-02.pdopt"]
+    # each sharding rank wrote the optimizer states it owns, each rank its part of the weights
+    assert sorted(f.name for f in last.glob("optimizer-*")) == ["optimizer-00001-of-00002.safetensors",
+                                                                "optimizer-00002-of-00002.safetensors"]
+    assert sorted(f.name for f in last.glob("model-*")) == ["model-00001-of-00002.safetensors",
+                                                            "model-00002-of-00002.safetensors"]
+    index = json.loads((last / "optimizer.safetensors.index.json").read_text())["weight_map"]
+    assert len(set(index.values())) == 2 and all(k.endswith(("_moment1_0", "_moment2_0", "_beta1_pow_acc_0",
+                                                             "_beta2_pow_acc_0")) for k in index)
     assert (last / "rank_state.00001.pd").is_file() and not list(last.parent.glob("*.tmp-*"))
 
 
@@ -303,13 +309,49 @@ def test_sharded_checkpoint_resumes_under_another_sharding_degree(sd2_run, tmp_p
     out, ref = sd2_run
     step3 = out / "checkpoints" / "step-00000003"
     merged = load_optimizer_state(step3)
-    assert state_bytes(merged) == sum(state_bytes(paddle.load(str(f))) for f in step3.glob("optimizer.shard-*"))
+    # the union of both sharding ranks' files: every tensor of either, once
+    from ernie_vilg.safetensors_file import SafetensorsReader
+
+    parts = [SafetensorsReader(f) for f in sorted(step3.glob("optimizer-*.safetensors"))]
+    assert sorted(k for p in parts for k in p.keys()) == sorted(flatten_state(merged)[0])
     (tmp_path / "checkpoints").mkdir()
     shutil.copytree(step3, tmp_path / "checkpoints" / step3.name)
     one = single_process(tmp_path, STEPS, 8)
     assert one.history[0]["step"] == 4
     ref_losses = [r["loss"] for r in ref.history if r["split"] == "train"]
     np.testing.assert_allclose([r["loss"] for r in one.history if r["split"] == "train"], ref_losses[3:], rtol=1e-5)
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_sharded_checkpoints_merge_and_resume_across_one_and_two_processes(sd2_run, tmp_path):
+    """The sharded safetensors layout: a 2-process checkpoint merged into one folder resumes in
+    one process like the checkpoint itself; a 1-process checkpoint resumes under 2 processes."""
+    from ernie_vilg.checkpoint_io import load_model_state
+    from ernie_vilg.training.merge import merge_checkpoint
+
+    out, ref = sd2_run
+    step3 = out / "checkpoints" / "step-00000003"
+    merged = merge_checkpoint(step3, tmp_path / "merged" / "checkpoints" / "step-00000003", with_optimizer=True)
+    assert sorted(f.name for f in merged.glob("*.safetensors")) == ["model-00001-of-00001.safetensors",
+                                                                    "optimizer-00001-of-00001.safetensors"]
+    a, b = load_model_state(step3), load_model_state(merged)
+    assert all(np.array_equal(a[k].numpy(), b[k].numpy()) for k in a)
+    one = single_process(tmp_path / "merged", STEPS, 8)
+    assert one.history[0]["step"] == 4
+    ref_losses = [r["loss"] for r in ref.history if r["split"] == "train"]
+    np.testing.assert_allclose([r["loss"] for r in one.history if r["split"] == "train"], ref_losses[3:], rtol=1e-5)
+    # 1 -> 2: the single-process reference stopped at step 3, continued by two processes
+    up = tmp_path / "up"
+    (up / "checkpoints").mkdir(parents=True)
+    single_ckpt = next(p for p in list_checkpoints(ref.out / "checkpoints") if p.name == "step-00000003")
+    shutil.copytree(single_ckpt, up / "checkpoints" / "step-00000003")
+    launch(2, up, toy_overrides(up, STEPS, 4, **SD2))
+    records = [json.loads(line) for line in (up / "log.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in records if r["split"] == "train"]
+    assert steps == [4, 5, 6] and all(np.isfinite(train_losses(up)))  # continued, not restarted
+    last = list_checkpoints(up / "checkpoints")[-1]
+    assert last.name == "step-00000006" and len(list(last.glob("model-*-of-00002.safetensors"))) == 2
 
 
 @pytest.mark.distributed
@@ -326,7 +368,8 @@ def test_dp2_x_sharding2_four_processes(tmp_path):
         np.testing.assert_allclose(params[0][key], ref.inner.state_dict()[key].numpy(), rtol=1e-5, atol=1e-6)
     # sharding ranks 0 and 1 of dp replica 0 wrote the shards; replica 1 holds the same ones
     last = list_checkpoints(out / "checkpoints")[-1]
-    assert len(list(last.glob("optimizer.shard-*-of-02.pdopt"))) == 2
+    assert len(list(last.glob("optimizer-*-of-00002.safetensors"))) == 2
+    assert len(list(last.glob("model-*-of-00004.safetensors"))) == 4  # each of the 4 ranks its part
     assert len(list(last.glob("rank_state.*.pd"))) == 4
 
 

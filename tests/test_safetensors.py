@@ -19,7 +19,7 @@ from ernie_vilg.config import Config, load_config
 from ernie_vilg.safetensors_file import SafetensorsError, load_safetensors, save_safetensors
 from ernie_vilg.convert.safetensors_io import checkpoint_from_safetensors, checkpoint_to_safetensors
 from ernie_vilg.safe_pickle import UnsafePickleError, safe_load
-from ernie_vilg.checkpoint_io import CheckpointError, load_model_state, resolve_checkpoint, save_checkpoint
+from ernie_vilg.checkpoint_io import CheckpointError, load_model_state, resolve_checkpoint, save_checkpoint, save_weights
 
 REPO = Path(__file__).resolve().parents[1]
 SIZES = ["Model.text_vocab_size=24", "Model.image_vocab_size=32", "Model.image_grid=4", "Model.max_text_len=16",
@@ -143,7 +143,7 @@ def test_single_file_carries_its_config_and_half_precision_weights_stay_exact(tm
     state = load_model_state(ckpt)
     half = {k: (v.astype("bfloat16") if i % 2 else v.astype("float16")) if v.dtype == paddle.float32 else v
             for i, (k, v) in enumerate(state.items())}
-    paddle.save(half, str(ckpt / "model.pdparams"))
+    save_weights(ckpt, half)
     tool = load_tool("convert_checkpoint")
     assert tool.main(["to-safetensors", "--ckpt", str(ckpt), "--out", str(tmp_path / "vq.safetensors")]) == 0
     assert tool.main(["from-safetensors", "--in", str(tmp_path / "vq.safetensors"), "--out", str(tmp_path / "vq")]) == 0

@@ -91,7 +91,8 @@ def test_checkpoint_folder_is_complete_and_pruned(tmp_path):
     assert [c.name for c in ckpts] == ["step-00000006", "step-00000009"]  # keep_last=2
     last = resolve_checkpoint(tmp_path)
     assert last == ckpts[-1]
-    for f in ("model.pdparams", "optimizer.pdopt", "trainer_state.pd", "config.yaml", "meta.json", "extra.txt"):
+    for f in ("model-00001-of-00001.safetensors", "model.safetensors.index.json", "optimizer-00001-of-00001.safetensors",
+              "optimizer.safetensors.index.json", "trainer_state.pd", "config.yaml", "meta.json", "extra.txt"):
         assert (last / f).is_file(), f
     assert "max_steps: 9" in (last / "config.yaml").read_text()
 

@@ -64,7 +64,9 @@ def _tokenizer_folder(ckpt: Path) -> Optional[Path]:
     if extras.is_file():
         name = json.loads(extras.read_text(encoding="utf-8")).get("image_tokenizer") or name
     folder = ckpt / name
-    return folder if (folder / "model.pdparams").is_file() else None
+    from ernie_vilg.checkpoint_io import has_weights
+
+    return folder if has_weights(folder) else None
 
 
 def _export_graphs(ckpt: Path, cfg: Config, out: Path, batch_size: int) -> list[dict[str, Any]]:

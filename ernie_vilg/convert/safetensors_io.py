@@ -61,11 +61,11 @@ def checkpoint_to_safetensors(ckpt: str | Path, out: str | Path) -> Path:
     """Export a checkpoint's weights: `out` ending in .safetensors -> one file (config and meta in
     its metadata); otherwise a folder with model.safetensors, the text files and converted
     sub-checkpoints. The checkpoint's pickles are read through `safe_pickle.safe_load`."""
-    from ernie_vilg.checkpoint_io import resolve_checkpoint
+    from ernie_vilg.checkpoint_io import has_weights, is_weight_file, load_model_state, resolve_checkpoint
 
     src = resolve_checkpoint(ckpt)
     out = Path(out)
-    state = safe_load(src / "model.pdparams")
+    state = load_model_state(src)
     metadata = {"format": FORMAT, "config": (src / "config.yaml").read_text(encoding="utf-8"),
                 "meta": (src / "meta.json").read_text(encoding="utf-8")}
     if out.suffix == ".safetensors":
@@ -76,9 +76,9 @@ def checkpoint_to_safetensors(ckpt: str | Path, out: str | Path) -> Path:
     tmp.mkdir(parents=True)
     save_safetensors(state, tmp / WEIGHTS_FILE, metadata)
     for item in sorted(src.iterdir()):
-        if item.is_file() and not _is_pickle(item):
+        if item.is_file() and not _is_pickle(item) and not is_weight_file(item.name):
             shutil.copyfile(item, tmp / item.name)
-        elif item.is_dir() and (item / "model.pdparams").is_file():
+        elif item.is_dir() and has_weights(item):
             checkpoint_to_safetensors(item, tmp / item.name)
     if out.exists():
         shutil.rmtree(out)

@@ -14,6 +14,7 @@ from typing import Any, Callable, Optional, Sequence
 import numpy as np
 import paddle
 
+from ernie_vilg.checkpoint_io import has_weights
 from ernie_vilg.config import Config, GenerationConfig
 from ernie_vilg.generation.decoding import (
     SamplingParams,
@@ -62,7 +63,7 @@ def _tokenizer_dir(ckpt: Path, cfg: Config) -> Optional[Path]:
     for src in (extras.get("tokenizer_source"), cfg.Data.tokenizer_ckpt):
         if src:
             candidates.append(Path(src))
-    return next((c for c in candidates if (c / "model.pdparams").is_file()), None)
+    return next((c for c in candidates if has_weights(c)), None)
 
 
 def bundle_from_checkpoint(ckpt: str | Path, build_model: ModelBuilder, need_image_tokenizer: bool = False
@@ -80,7 +81,7 @@ def bundle_from_checkpoint(ckpt: str | Path, build_model: ModelBuilder, need_ima
     if is_pretrained_dir(ckpt):
         ckpt_dir, cfg = Path(ckpt), load_pretrained_config(ckpt)
         tok_dir: Optional[Path] = ckpt_dir / IMAGE_TOKENIZER_DIR
-        tok_dir = tok_dir if (tok_dir / "model.pdparams").is_file() else None
+        tok_dir = tok_dir if has_weights(tok_dir) else None
         load_state = load_pretrained_weights
     else:
         ckpt_dir, cfg = load_checkpoint_config(ckpt)
@@ -99,7 +100,7 @@ def bundle_from_checkpoint(ckpt: str | Path, build_model: ModelBuilder, need_ima
         image_tokenizer = load_tokenizer(tok_dir)
     elif need_image_tokenizer:
         raise FileNotFoundError(f"{ckpt_dir}: no image tokenizer (neither image_tokenizer/ nor "
-                                f"Data.tokenizer_ckpt={cfg.Data.tokenizer_ckpt!r} has model.pdparams)")
+                                f"Data.tokenizer_ckpt={cfg.Data.tokenizer_ckpt!r} has weights)")
     # the saved config is the resolved one: sizes are never derived again here
     for key in ("text_vocab_size", "image_vocab_size", "image_grid"):
         if getattr(cfg.Model, key) <= 0:

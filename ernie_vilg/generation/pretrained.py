@@ -7,8 +7,8 @@
     vocab.txt, tokenizer_config.json, special_tokens_map.json
                               the text tokenizer, saved by paddlenlp's save_pretrained, so
                               paddlenlp.transformers.AutoTokenizer.from_pretrained(DIR) works
-    image_tokenizer/          the VQ tokenizer: a checkpoint folder (model.pdparams,
-                              config.yaml, meta.json) that vq.base.load_tokenizer reads
+    image_tokenizer/          the VQ tokenizer: a checkpoint folder (its weights, config.yaml,
+                              meta.json) that vq.registry.load_tokenizer reads
 
 Written by `tools/convert_checkpoint.py to-pretrained` (pipelines.save_pretrained); read by `load_bundle` (hence by every tool
 that takes --ckpt) and by `ErnieViLGPipeline.from_pretrained`. Weights may be float32, float16 or
@@ -49,7 +49,7 @@ def write_pretrained(bundle: Any, image_tokenizer_dir: Path, out: str | Path, sa
     """Write the pretrained folder of a loaded vilg checkpoint (`pipelines.VilgBundle`; its image
     tokenizer checkpoint at `image_tokenizer_dir`) to `out` (replaced if it exists; written under a
     temporary name and renamed). `pipelines.save_pretrained` is the entry point from a folder."""
-    from ernie_vilg.checkpoint_io import CheckpointError
+    from ernie_vilg.checkpoint_io import CheckpointError, copy_loadable
 
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"--dtype must be one of {', '.join(DTYPES)}, got {dtype!r}")
@@ -80,10 +80,7 @@ def write_pretrained(bundle: Any, image_tokenizer_dir: Path, out: str | Path, sa
                                        encoding="utf-8")
     bundle.text_tokenizer.save_pretrained(tmp)
     tok_src = Path(image_tokenizer_dir)
-    (tmp / IMAGE_TOKENIZER_DIR).mkdir()
-    for name in ("model.pdparams", "config.yaml", "meta.json"):  # what load_tokenizer needs
-        if (tok_src / name).is_file():
-            shutil.copyfile(tok_src / name, tmp / IMAGE_TOKENIZER_DIR / name)
+    copy_loadable(tok_src, tmp / IMAGE_TOKENIZER_DIR)  # what load_tokenizer needs
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)

@@ -19,6 +19,7 @@ from typing import Any, Callable, Optional
 
 import paddle
 
+from ernie_vilg.checkpoint_io import copy_loadable, has_weights
 from ernie_vilg.config import Config, ConfigError
 from ernie_vilg.data.pair_batches import ShardBatches, StreamBatches
 from ernie_vilg.models.guidance import I2T_IMAGE_KEY, T2I_TEXT_KEY, ConditionDropper
@@ -231,12 +232,8 @@ class VilgTrainModule(TrainModule):
         extras: dict[str, Any] = {"vocab": VOCAB_FILE, "image_tokenizer": None,
                                   "tokenizer_source": self.cfg.Data.tokenizer_ckpt or None}
         src = Path(self.cfg.Data.tokenizer_ckpt) if self.cfg.Data.tokenizer_ckpt else None
-        if src is not None and (src / "model.pdparams").is_file():
-            dst = ckpt_dir / TOKENIZER_DIR
-            dst.mkdir(exist_ok=True)
-            for name in ("model.pdparams", "config.yaml", "meta.json"):  # what load_tokenizer needs
-                if (src / name).is_file():
-                    shutil.copyfile(src / name, dst / name)
+        if src is not None and has_weights(src):
+            copy_loadable(src, ckpt_dir / TOKENIZER_DIR)  # what load_tokenizer needs
             extras["image_tokenizer"] = TOKENIZER_DIR
         (ckpt_dir / EXTRAS_FILE).write_text(json.dumps(extras, ensure_ascii=False, indent=1), encoding="utf-8")
 
@@ -245,7 +242,7 @@ class VilgTrainModule(TrainModule):
         """The frozen image tokenizer for validation decoding, or None when unavailable."""
         if self._image_tokenizer is None and not self._tokenizer_missing:
             path = Path(self.cfg.Data.tokenizer_ckpt)
-            if self.cfg.Data.tokenizer_ckpt and (path / "model.pdparams").is_file():
+            if self.cfg.Data.tokenizer_ckpt and has_weights(path):
                 from ernie_vilg.vq.registry import load_tokenizer
 
                 self._image_tokenizer = load_tokenizer(path)

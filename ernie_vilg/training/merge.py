@@ -1,10 +1,12 @@
 """Turn a (sharded) training checkpoint into one inference checkpoint folder.
 
-The result is an ordinary checkpoint folder (`model.pdparams`, `config.yaml` with the
-Distributed section reset to one process, `meta.json`, the stage's extras) that every tool loads
-with `--ckpt DIR`. With `with_optimizer`, the optimizer shards are merged into one
-`optimizer.pdopt` keyed by structured names, so the folder also resumes in a single process
-(stage 1 / 2 checkpoints; stage 3 shards are slices and cannot be merged this way).
+The result is an ordinary checkpoint folder (the weights as one safetensors shard with its
+index, `config.yaml` with the Distributed section reset to one process, `meta.json`, the
+stage's extras) that every tool loads with `--ckpt DIR`. It reads both layouts (sharded
+safetensors, or the older `model.pdparams` / `optimizer.*.pdopt`). With `with_optimizer`, the
+optimizer parts are merged into one shard keyed by structured names, so the folder also resumes
+in a single process (dp / stage 1 / 2 checkpoints; stage 3 shards are slices and cannot be
+merged this way).
 """
 from __future__ import annotations
 
@@ -17,12 +19,18 @@ import paddle
 
 from ernie_vilg.config import DistributedConfig, save_config
 from ernie_vilg.checkpoint_io import (
+    OPTIMIZER_PREFIX,
     SHARD_FILE,
+    WEIGHTS_PREFIX,
     CheckpointError,
+    is_weight_file,
     load_checkpoint_config,
     load_model_state,
     load_optimizer_state,
     read_meta,
+    save_weights,
+    write_index,
+    write_shard,
 )
 
 # per-run files that an inference folder does not need
@@ -44,20 +52,21 @@ def merge_checkpoint(src: str | Path, out: str | Path, with_optimizer: bool = Fa
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    paddle.save(state, str(tmp / "model.pdparams"))
+    save_weights(tmp, state)
     if with_optimizer:
         if meta.get("optimizer_layout") == "sliced":
             raise CheckpointError(f"{ckpt}: stage-3 optimizer shards are per-rank slices and cannot be merged; "
                                   "merge the weights only (without --with-optimizer)")
         opt = load_optimizer_state(ckpt)
         if opt is not None:
-            paddle.save(opt, str(tmp / "optimizer.pdopt"))
+            write_shard(tmp, OPTIMIZER_PREFIX, opt, 0, 1)
+            write_index(tmp, OPTIMIZER_PREFIX)
         if (ckpt / "trainer_state.pd").is_file():
             shutil.copyfile(ckpt / "trainer_state.pd", tmp / "trainer_state.pd")
     # the stage's extras (vocab, tokenizer copy, ...) and anything else that is not per-rank state
     for item in ckpt.iterdir():
         name = item.name
-        if name in ("model.pdparams", "config.yaml", "meta.json", *_TRAINING_FILES) or SHARD_FILE.match(name) \
+        if name in ("config.yaml", "meta.json", *_TRAINING_FILES) or is_weight_file(name) or SHARD_FILE.match(name) \
                 or name.startswith("rank_state."):
             continue
         if item.is_dir():

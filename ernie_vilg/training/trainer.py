@@ -34,6 +34,8 @@ from tqdm import tqdm
 from ernie_vilg.config import Config, ConfigError
 from ernie_vilg.training import amp
 from ernie_vilg.checkpoint_io import (
+    OPTIMIZER_PREFIX,
+    WEIGHTS_PREFIX,
     CheckpointError,
     begin_checkpoint,
     commit_checkpoint,
@@ -48,6 +50,8 @@ from ernie_vilg.checkpoint_io import (
     save_file,
     set_model_state,
     state_bytes,
+    write_partition,
+    write_shard,
 )
 from ernie_vilg.training.checkpoint import OutputLock, optimizer_state_from_structured, optimizer_state_to_structured
 from ernie_vilg.training.distributed import ParallelContext
@@ -356,17 +360,25 @@ class Trainer:
             begin_checkpoint(self.ckpt_root, self.step, name, tag)
         self.parallel.barrier()
         tmp, final = begin_checkpoint(self.ckpt_root, self.step, name, tag, create=False)
-        model_state = self.parallel.full_model_state(self.model) if topo.sharding_stage == 3 and topo.sharded \
-            else self.inner.state_dict()
+        sliced = topo.sharding_stage == 3 and topo.sharded
+        # stage 3 gathers the full weights on every rank (GPU only; not bounded by a shard)
+        model_state = self.parallel.full_model_state(self.model) if sliced else self.inner.state_dict()
+        # each rank writes its part of the weights, one tensor at a time in host memory
+        write_partition(tmp, WEIGHTS_PREFIX, model_state, self.rank, self.world_size)
         opt_state = self._structured_optimizer_state()
-        if topo.sharded and topo.dp_rank == 0:  # dp replicas hold identical shards
-            save_file(opt_state, tmp, optimizer_shard_name(topo.sharding_rank, topo.sharding_degree))
+        if sliced:  # flat per-rank slices: one pickle per sharding rank (dp replicas hold identical ones)
+            if topo.dp_rank == 0:
+                save_file(opt_state, tmp, optimizer_shard_name(topo.sharding_rank, topo.sharding_degree))
+        elif topo.sharded:  # stages 1 / 2: each sharding rank writes the states it owns
+            if topo.dp_rank == 0:
+                write_shard(tmp, OPTIMIZER_PREFIX, opt_state, topo.sharding_rank, topo.sharding_degree)
+        else:  # dp: every rank holds the whole state and writes its part of the names
+            write_partition(tmp, OPTIMIZER_PREFIX, opt_state, self.rank, self.world_size)
         save_file(self.state(), tmp, rank_state_name(self.rank))
         self.parallel.barrier()
         if self.rank == 0:
-            commit_checkpoint(tmp, final, self.step, self.cfg, model_state,
-                              None if topo.sharded else opt_state, self.state(), self._meta(),
-                              extras=self._save_extras, keep_last=keep)
+            commit_checkpoint(tmp, final, self.step, self.cfg, model_state, None, self.state(), self._meta(),
+                              extras=self._save_extras, keep_last=keep, shards_written=True)
             log.info("saved checkpoint %s", final)
         self.parallel.barrier()
         return final
@@ -393,7 +405,8 @@ class Trainer:
             self.optimizer.set_state_dict(optimizer_state_from_structured(opt_state, self.inner))
         elif not weights_only:
             # a fresh AdamW state would silently break exact resume (different updates from here on)
-            raise CheckpointError(f"{ckpt}: cannot resume: no optimizer state (optimizer.pdopt); set "
+            raise CheckpointError(f"{ckpt}: cannot resume: no optimizer state (optimizer-*.safetensors or "
+                                  "optimizer.pdopt); set "
                                   "Train.resume_weights_only=true to continue from the weights with a fresh optimizer")
         try:
             state = _load_state_file(ckpt / "trainer_state.pd")
