@@ -457,15 +457,18 @@ def merge_optimizer_shards(shards: list[dict[str, Any]], where: Path) -> dict[st
     return merged
 
 
-def load_optimizer_state(ckpt: Path, sharding_rank: int = 0, sharding_degree: int = 1) -> Optional[dict[str, Any]]:
+def load_optimizer_state(ckpt: Path, sharding_rank: int = 0, sharding_degree: int = 1,
+                         keep: Optional[Callable[[str], bool]] = None) -> Optional[dict[str, Any]]:
     """The structured optimizer state this rank needs, or None if the checkpoint has none.
+    `keep(name)`: in the sharded layout, read only the tensors it accepts (a sharded optimizer's
+    own states); the older layouts are read whole.
 
     Whole-parameter layouts (single process, dp, stage 1, stage 2) return the full state, from
     which each sharded optimizer takes its own parameters, so any sharding degree works. A stage-3
     checkpoint stores flat slices whose boundaries depend on the degree: it loads only under the
     same degree."""
     if (ckpt / index_name(OPTIMIZER_PREFIX)).is_file():
-        return read_sharded(ckpt, OPTIMIZER_PREFIX)
+        return read_sharded(ckpt, OPTIMIZER_PREFIX, keep)
     if (ckpt / "optimizer.pdopt").is_file():
         return _load(ckpt / "optimizer.pdopt")
     files = optimizer_shards(ckpt)

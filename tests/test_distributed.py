@@ -3,6 +3,7 @@ CPU runs over gloo (stage-1 sharding with accumulation, 2 and 4 processes; resum
 from __future__ import annotations
 
 import json
+import re
 import os
 import shutil
 import socket
@@ -297,6 +298,11 @@ def test_two_process_resume_is_exact(sd2_run, tmp_path):
     shutil.copytree(out / "checkpoints" / "step-00000003", resumed / "checkpoints" / "step-00000003")
     launch(2, resumed, toy_overrides(resumed, STEPS, 4, **SD2))
     assert train_losses(resumed) == train_losses(out)[3:]  # bit-identical continuation
+    # each sharding rank read only the optimizer states it owns (half of the four layers' each)
+    index = json.loads((resumed / "checkpoints" / "step-00000003" / "optimizer.safetensors.index.json").read_text())
+    logs = [f.read_text() for f in sorted((resumed.parent / f"{resumed.name}-logs").glob("workerlog.*"))]
+    read = [int(re.search(r"optimizer states: read (\d+) of this rank's", log).group(1)) for log in logs]
+    assert len(read) == 2 and sum(read) == len(index["weight_map"]) and all(0 < r < len(index["weight_map"]) for r in read)
     for rank in (0, 1):
         a, b = rank_params(out, rank), rank_params(resumed, rank)
         assert all(np.array_equal(a[k], b[k]) for k in a)

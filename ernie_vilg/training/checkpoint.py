@@ -9,7 +9,7 @@ import os
 import socket
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import paddle
 
@@ -92,6 +92,22 @@ def optimizer_state_to_structured(opt_state: dict[str, Any], model: paddle.nn.La
     """Key optimizer state by structured parameter names, so that a checkpoint loads into a
     model built in another process (Paddle's auto names depend on construction order)."""
     return _rename_state(opt_state, {auto: "@" + key for auto, key in _param_names(model).items()})
+
+
+def owned_state_filter(model: paddle.nn.Layer, owned: list[Any]) -> Callable[[str], bool]:
+    """Predicate over structured optimizer-state names ("@<param>_moment1_0",
+    "master_weights/@<param>"): True for the states of the `owned` parameters and for names that
+    belong to no parameter."""
+    structured = {"@" + key for key in _param_names(model).values()}
+    mine = {"@" + _param_names(model)[p.name] for p in owned if p.name in _param_names(model)}
+    prefixes = sorted(structured, key=len, reverse=True)
+
+    def keep(name: str) -> bool:
+        leaf = name.split("/")[-1]
+        owner = next((p for p in prefixes if leaf == p or leaf.startswith(p + "_")), None)
+        return owner is None or owner in mine
+
+    return keep
 
 
 def optimizer_state_from_structured(state: dict[str, Any], model: paddle.nn.Layer) -> dict[str, Any]:

@@ -25,7 +25,7 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import paddle
@@ -38,6 +38,7 @@ from ernie_vilg.checkpoint_io import (
     WEIGHTS_PREFIX,
     CheckpointError,
     begin_checkpoint,
+    flatten_state,
     commit_checkpoint,
     latest_checkpoint,
     load_model_state,
@@ -53,7 +54,9 @@ from ernie_vilg.checkpoint_io import (
     write_partition,
     write_shard,
 )
-from ernie_vilg.training.checkpoint import OutputLock, optimizer_state_from_structured, optimizer_state_to_structured
+from ernie_vilg.training.checkpoint import (
+    OutputLock, optimizer_state_from_structured, optimizer_state_to_structured, owned_state_filter,
+)
 from ernie_vilg.training.distributed import ParallelContext
 from ernie_vilg.training.logging import MetricsLogger
 from ernie_vilg.safe_pickle import safe_load
@@ -396,12 +399,28 @@ class Trainer:
         self._load_training_state(ckpt)
         return True
 
+    def _own_optimizer_states(self) -> Optional[Callable[[str], bool]]:
+        """Under sharding stages 1 / 2, the states this rank's sharded optimizer owns (only those
+        are read on resume); None (read all) elsewhere, or when the wrapper does not say."""
+        topo = self.parallel.topo
+        if not topo.sharded or self.cfg.Distributed.sharding_stage == 3:
+            return None
+        inner = getattr(self.optimizer, "_inner_opt", self.optimizer)
+        rank2params = getattr(inner, "_rank2params", None)
+        if not isinstance(rank2params, dict) or topo.sharding_rank not in rank2params:
+            return None
+        return owned_state_filter(self.inner, list(rank2params[topo.sharding_rank]))
+
     def _load_training_state(self, ckpt: Path) -> None:
         topo = self.parallel.topo
         weights_only = self.cfg.Train.resume_weights_only
         self._load_extras(ckpt, weights_only)
-        opt_state = load_optimizer_state(ckpt, topo.sharding_rank, topo.sharding_degree)
+        keep = self._own_optimizer_states()
+        opt_state = load_optimizer_state(ckpt, topo.sharding_rank, topo.sharding_degree, keep)
         if opt_state is not None:
+            if keep is not None:
+                log.info("optimizer states: read %d of this rank's (sharding rank %d of %d)",
+                         len(flatten_state(opt_state)[0]), topo.sharding_rank, topo.sharding_degree)
             self.optimizer.set_state_dict(optimizer_state_from_structured(opt_state, self.inner))
         elif not weights_only:
             # a fresh AdamW state would silently break exact resume (different updates from here on)
