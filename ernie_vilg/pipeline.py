@@ -91,17 +91,23 @@ class ErnieViLGPipeline:
             raise ValueError(f"need temperature > 0, top_k >= 0, 0 < top_p <= 1; got {params}")
         return params
 
-    def _images(self, ids: np.ndarray) -> list[Any]:
+    def _arrays(self, texts: Sequence[str], ids: np.ndarray, num_images: int) -> np.ndarray:
+        from ernie_vilg.generation.pipelines import decode_generated
+
+        # the text width of `_generate_ids`: the end-to-end reconstructor reads the same stream
+        return decode_generated(self.bundle, texts, ids, num_images, text_width=self.bundle.cfg.Data.max_text_len)
+
+    def _images(self, texts: Sequence[str], ids: np.ndarray, num_images: int) -> list[Any]:
         from PIL import Image
 
-        from ernie_vilg.generation.pipelines import decode_image_ids
-
-        return [Image.fromarray(a) for a in decode_image_ids(self.bundle.image_tokenizer, ids)]
+        return [Image.fromarray(a) for a in self._arrays(texts, ids, num_images)]
 
     def _generate(self, text: str | Sequence[str], num_images: int, seed: int, cfg_scale: Optional[float],
                   temperature: Optional[float], top_k: Optional[int], top_p: Optional[float],
                   prefix: Optional[np.ndarray] = None) -> list[Any]:
-        return self._images(self._generate_ids(text, num_images, seed, cfg_scale, temperature, top_k, top_p, prefix))
+        texts = [text] if isinstance(text, str) else list(text)
+        return self._images(texts, self._generate_ids(texts, num_images, seed, cfg_scale, temperature, top_k, top_p,
+                                                      prefix), num_images)
 
     def _generate_ids(self, text: str | Sequence[str], num_images: int, seed: int, cfg_scale: Optional[float],
                       temperature: Optional[float], top_k: Optional[int], top_p: Optional[float],
@@ -132,14 +138,15 @@ class ErnieViLGPipeline:
         """Best-of-N (paper sec. 4.2): `num_images` samples of `text`, best first, ranked by the
         model's own caption likelihood, the contrastive `reranker` (models.reranker.load_reranker)
         or both; returns (images, per-image scores)."""
+        from PIL import Image
+
         from ernie_vilg.generation.best_of_n import rank_candidates_by, score_candidates
-        from ernie_vilg.generation.pipelines import decode_image_ids
 
         ids = self._generate_ids(text, num_images, seed, cfg_scale, temperature, top_k, top_p)
-        arrays = decode_image_ids(self.bundle.image_tokenizer, ids)
+        arrays = self._arrays([text], ids, num_images)
         scores = score_candidates(self.bundle, text, arrays, ids, rank_by, reranker)
         order = rank_candidates_by(scores, rank_by)
-        images = self._images(ids[order])
+        images = [Image.fromarray(a) for a in arrays[order]]
         return images, [{k: float(v[i]) for k, v in scores.items()} for i in order]
 
     def caption(self, images: ImageLike | Sequence[ImageLike], strategy: Optional[str] = None,

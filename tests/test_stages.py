@@ -172,6 +172,22 @@ def test_vilg_e2e_stage(world, tmp_path) -> None:
     assert cfg.VQ.kind == "vqvae" and cfg.Data.image_size == 32  # resolved from the tokenizer and shards
     check_roundtrip_and_export(ckpt, tmp_path, "vilg_e2e")
     check_generation_tools(ckpt, world)
+    # its generated tokens become pixels through its own reconstructor (or, asked, the tokenizer's)
+    from ernie_vilg.data.images import denormalize
+    from ernie_vilg.generation.pipelines import decode_image_ids, encode_texts, text_to_image, text_to_image_ids
+    from ernie_vilg.pipeline import load_bundle
+
+    bundle = load_bundle(ckpt, need_image_tokenizer=True)
+    assert bundle.decoder == "e2e"
+    texts = ["一个红色的圆形"]
+    ids = text_to_image_ids(bundle, texts, 2, seed=3)
+    with paddle.no_grad():
+        own = bundle.model.reconstruct_from_ids(paddle.to_tensor(np.repeat(encode_texts(bundle, texts), 2, axis=0)),
+                                                paddle.to_tensor(ids.reshape([2, -1])))
+    e2e = text_to_image(bundle, texts, 2, seed=3)
+    assert np.array_equal(e2e, denormalize(own.numpy()))
+    bundle.decoder = "tokenizer"
+    assert np.array_equal(text_to_image(bundle, texts, 2, seed=3), decode_image_ids(bundle.image_tokenizer, ids))
 
 
 def test_caption_finetune_stage(world, vilg_ckpt, tmp_path) -> None:

@@ -24,6 +24,10 @@ paddle.distributed.launch the prompts are split over the ranks and one samples.j
 Sampling: --temperature, --top-k, --top-p and --cfg-scale (classifier-free guidance,
 docs/guidance.md; 1 = off) replace the checkpoint's Generation settings.
 
+Decoder: an end-to-end checkpoint (stage vilg_e2e, paper sec. 3.1.3) turns the generated tokens
+into pixels with its own reconstructor; --decoder tokenizer uses the image tokenizer's decoder
+instead (the two-stage path; Table 7's "end-to-end G + two-stage R").
+
 Best-of-N (paper sec. 4.2): --num-candidates N --keep K [--reranker DIR] [--rank-by
 reranker|likelihood|both] samples N images per prompt, ranks them by the contrastive reranker
 and/or the model's own caption likelihood, and keeps the best K (scores in samples.jsonl).
@@ -62,6 +66,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--top-p", type=float, default=None, help="1 = no nucleus filter; default: the checkpoint's")
     parser.add_argument("--cfg-scale", type=float, default=None,
                         help="classifier-free guidance scale (default: the checkpoint's Generation.cfg_scale; 1 = off)")
+    parser.add_argument("--decoder", choices=("tokenizer", "e2e"), default=None,
+                        help="tokens -> pixels: the image tokenizer, or an end-to-end checkpoint's reconstructor "
+                             "(default: e2e for end-to-end checkpoints, else tokenizer)")
     parser.add_argument("--overwrite", action="store_true",
                         help="write into an --out folder that holds files other than an earlier generate run's")
     parser.add_argument("--init-image", default=None, help="image completion: the image whose top rows are kept")
@@ -90,8 +97,13 @@ def main(argv: list[str] | None = None) -> int:
             prompts = [Prompt(f"{i:05d}", t) for i, t in enumerate(args.text)]
         settings = BatchSettings(batch_size=args.batch_size, num_candidates=args.num_candidates, keep=args.keep,
                                  seed=args.seed, rank_by=args.rank_by, progress=not args.no_progress)
+        bundle = load_bundle(args.ckpt, need_image_tokenizer=True)
+        if args.decoder:
+            if args.decoder == "e2e" and not hasattr(bundle.model, "reconstruct_from_ids"):
+                raise ValueError(f"--decoder e2e: {bundle.ckpt_dir} is not an end-to-end checkpoint (stage vilg_e2e)")
+            bundle.decoder = args.decoder
         counts = generate_batch_to_folder(
-            load_bundle(args.ckpt, need_image_tokenizer=True), prompts, args.out, settings, reranker=args.reranker or None,
+            bundle, prompts, args.out, settings, reranker=args.reranker or None,
             overrides={"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p,
                        "cfg_scale": args.cfg_scale},
             init_image=args.init_image, keep_rows=args.keep_rows, grid=bool(args.text))

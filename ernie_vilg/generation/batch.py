@@ -172,7 +172,7 @@ def generate_prompt_file(bundle: Any, prompts: Sequence[Prompt], out: str | Path
     `prefix_ids` [m]: image completion, the first m image tokens of every prompt's images are
     given. `extra`: fields added to every samples.jsonl row."""
     from ernie_vilg.generation.best_of_n import rank_candidates_by, score_candidates
-    from ernie_vilg.generation.pipelines import decode_image_ids, image_sampling_params, text_to_image_ids
+    from ernie_vilg.generation.pipelines import decode_generated, image_sampling_params, text_to_image_ids
 
     s = settings
     if s.batch_size < 1:
@@ -181,7 +181,7 @@ def generate_prompt_file(bundle: Any, prompts: Sequence[Prompt], out: str | Path
         raise ValueError(f"--num-candidates must be >= 1, got {s.num_candidates}")
     if s.keep and not 1 <= s.keep <= s.num_candidates:
         raise ValueError(f"--keep must be in [1, --num-candidates={s.num_candidates}], got {s.keep}")
-    if bundle.image_tokenizer is None:
+    if bundle.decoder == "tokenizer" and bundle.image_tokenizer is None:
         raise FileNotFoundError(f"{bundle.ckpt_dir}: no image tokenizer to decode image tokens")
     signal = (s.rank_by or ("reranker" if reranker is not None else "likelihood")) if s.keep else ""
     if signal in ("reranker", "both") and reranker is None:
@@ -207,7 +207,7 @@ def generate_prompt_file(bundle: Any, prompts: Sequence[Prompt], out: str | Path
             seeds = [prompt_seed(s.seed, p.id) for p in batch]
             ids = text_to_image_ids(bundle, [p.text for p in batch], s.num_candidates, seeds, params, cfg_scale,
                                     text_width=width, prefix_ids=prefix_ids)
-            images = decode_image_ids(bundle.image_tokenizer, ids)
+            images = decode_generated(bundle, [p.text for p in batch], ids, s.num_candidates, text_width=width)
             n = s.num_candidates
             for i, p in enumerate(batch):
                 cand_images, cand_ids = images[i * n:(i + 1) * n], ids[i * n:(i + 1) * n]

@@ -105,18 +105,18 @@ def best_of_n(bundle: Any, texts: Sequence[str], num_candidates: int, keep: int,
     likelihood signal stays unguided: a guided score in the PMI form
     log p(t | i) + (s - 1) (log p(t | i) - log p(t | null)) ranks the candidates of one text exactly
     as log p(t | i) does, since log p(t | null) is the same for all of them."""
-    from ernie_vilg.generation.pipelines import decode_image_ids, text_to_image_ids
+    from ernie_vilg.generation.pipelines import decode_generated, text_to_image_ids
 
     if not 1 <= keep <= num_candidates:
         raise ValueError(f"--keep must be in [1, --num-candidates={num_candidates}], got {keep}")
-    if bundle.image_tokenizer is None:
+    if bundle.decoder == "tokenizer" and bundle.image_tokenizer is None:
         raise FileNotFoundError(f"{bundle.ckpt_dir}: no image tokenizer to decode image tokens")
     if signal in ("reranker", "both") and reranker is None:
         raise ValueError(f"ranking by {signal!r} needs a reranker checkpoint (--reranker DIR)")
     all_images, rankings = [], []
     for i, text in enumerate(texts):
         ids = text_to_image_ids(bundle, [text], num_candidates, seed=seed + i, cfg_scale=cfg_scale)
-        images = decode_image_ids(bundle.image_tokenizer, ids)
+        images = decode_generated(bundle, [text], ids, num_candidates)
         scores = score_candidates(bundle, text, images, ids, signal, reranker)
         rankings.append(Ranking(text, rank_candidates_by(scores, signal), scores, keep))
         all_images.append(images)

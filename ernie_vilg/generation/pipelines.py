@@ -40,6 +40,9 @@ class VilgBundle:
     image_tokenizer: Optional[Any]  # ernie_vilg.vq.base.ImageTokenizer (frozen), None if absent
     ckpt_dir: Path
     tokenizer_dir: Optional[Path] = None  # where image_tokenizer was loaded from
+    # which network turns generated ids into pixels: "tokenizer" (the two-stage decoder) or "e2e"
+    # (an end-to-end checkpoint's own reconstructor, paper sec. 3.1.3); the default is the model's
+    decoder: str = "tokenizer"
 
     @property
     def image_size(self) -> int:
@@ -111,7 +114,8 @@ def bundle_from_checkpoint(ckpt: str | Path, build_model: ModelBuilder, need_ima
     model = build_model(cfg, ckpt_dir)
     set_model_state(model, load_state(ckpt_dir), ckpt_dir)
     model.eval()
-    return VilgBundle(cfg, model, text_tokenizer, image_tokenizer, ckpt_dir, tok_dir)
+    decoder = "e2e" if hasattr(model, "reconstruct_from_ids") else "tokenizer"
+    return VilgBundle(cfg, model, text_tokenizer, image_tokenizer, ckpt_dir, tok_dir, decoder)
 
 
 def _match_image_size(cfg: Config, image_tokenizer: Any) -> None:
@@ -140,14 +144,39 @@ def text_to_image_ids(bundle: VilgBundle, texts: Sequence[str], num_candidates: 
     ids (default: to the longest of the batch; a fixed width makes a text's image independent of
     its batch-mates). `prefix_ids`: image completion (decoding.generate_image_tokens)."""
     cfg = bundle.cfg
-    if text_width:
-        text_ids = bundle.text_tokenizer.encode_batch(list(texts), text_width)
-    else:
-        text_ids = bundle.text_tokenizer.encode_batch(list(texts), cfg.Data.max_text_len, pad_to_longest=True)
+    text_ids = encode_texts(bundle, texts, text_width)
     scale = cfg.Generation.cfg_scale if cfg_scale is None else cfg_scale
     return generate_image_tokens(bundle.model, text_ids, params or image_sampling_params(cfg.Generation),
                                  num_candidates=num_candidates, seed=seed, cfg_scale=scale,
                                  specials=bundle.specials, prefix_ids=prefix_ids)
+
+
+def encode_texts(bundle: VilgBundle, texts: Sequence[str], text_width: int = 0) -> np.ndarray:
+    """Text ids as generation feeds them: padded to `text_width`, or to the batch's longest."""
+    if text_width:
+        return bundle.text_tokenizer.encode_batch(list(texts), text_width)
+    return bundle.text_tokenizer.encode_batch(list(texts), bundle.cfg.Data.max_text_len, pad_to_longest=True)
+
+
+def decode_generated(bundle: VilgBundle, texts: Sequence[str], ids: np.ndarray, num_candidates: int = 1,
+                     text_width: int = 0) -> np.ndarray:
+    """uint8 images [N, H, W, 3] of generated token grids [len(texts) * num_candidates, h, w]
+    through the bundle's decoder: the image tokenizer (two-stage), or the end-to-end model's
+    reconstructor reading its own hidden states of (text, ids) (`text_width` as generated)."""
+    if bundle.decoder == "tokenizer":
+        if bundle.image_tokenizer is None:
+            raise FileNotFoundError(f"{bundle.ckpt_dir}: no image tokenizer to decode image tokens")
+        return decode_image_ids(bundle.image_tokenizer, ids)
+    if bundle.decoder != "e2e" or not hasattr(bundle.model, "reconstruct_from_ids"):
+        raise ValueError(f"decoder {bundle.decoder!r}: the model has no end-to-end reconstructor "
+                         "(use 'tokenizer')")
+    from ernie_vilg.data.images import denormalize
+
+    text = np.repeat(encode_texts(bundle, texts, text_width), num_candidates, axis=0)
+    flat = np.asarray(ids, dtype=np.int64).reshape([len(text), -1])
+    with paddle.no_grad():
+        images = bundle.model.reconstruct_from_ids(paddle.to_tensor(text), paddle.to_tensor(flat))
+    return denormalize(images.numpy())
 
 
 def decode_image_ids(image_tokenizer: Any, ids: np.ndarray) -> np.ndarray:
@@ -160,11 +189,11 @@ def decode_image_ids(image_tokenizer: Any, ids: np.ndarray) -> np.ndarray:
 
 def text_to_image(bundle: VilgBundle, texts: Sequence[str], num_candidates: int = 1, seed: int = 0,
                   params: Optional[SamplingParams] = None, cfg_scale: Optional[float] = None) -> np.ndarray:
-    """uint8 images [len(texts) * num_candidates, H, W, 3]."""
-    if bundle.image_tokenizer is None:
+    """uint8 images [len(texts) * num_candidates, H, W, 3] (through `bundle.decoder`)."""
+    if bundle.decoder == "tokenizer" and bundle.image_tokenizer is None:
         raise FileNotFoundError(f"{bundle.ckpt_dir}: no image tokenizer to decode image tokens")
-    return decode_image_ids(bundle.image_tokenizer,
-                            text_to_image_ids(bundle, texts, num_candidates, seed, params, cfg_scale))
+    ids = text_to_image_ids(bundle, texts, num_candidates, seed, params, cfg_scale)
+    return decode_generated(bundle, texts, ids, num_candidates)
 
 
 def captions_from_ids(bundle: VilgBundle, image_ids: np.ndarray, strategy: Optional[str] = None,
