@@ -79,3 +79,12 @@ def test_vqgan_stage_trains_discriminator_separately_and_checkpoint_is_a_plain_t
     assert isinstance(tok, VQGAN)
     from pathlib import Path
     assert (Path(result["checkpoint"]) / extra_files(DISCRIMINATOR)[0]).is_file()
+    # the Trainer owns the discriminator's optimizer: a resumed run restores both, exactly
+    trained = {k: v.numpy().copy() for k, v in module.discriminator.state_dict().items()}
+    cfg.Train.max_steps = 4
+    resumed_module = VQGANTrainModule(cfg)
+    resumed = Trainer(cfg, resumed_module)
+    assert resumed.step == 3
+    assert all(np.array_equal(trained[k], v.numpy()) for k, v in resumed_module.discriminator.state_dict().items())
+    moments = [k for k in resumed.extra_optimizers[DISCRIMINATOR].state_dict() if "moment1" in k]
+    assert moments  # the AdamW state came back too, not a fresh optimizer

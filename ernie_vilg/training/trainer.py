@@ -139,27 +139,26 @@ def extra_files(name: str) -> tuple[str, str]:
     return f"{name}.pdparams", f"{name}.pdopt"
 
 
-def _load_state_file(path: Path) -> Any:
-    """trainer_state.pd / rank_state.*.pd, or one-line CheckpointError (missing, truncated)."""
-    if not path.is_file():
-        raise CheckpointError(f"{path.parent}: cannot resume: no {path.name}; set Train.resume_weights_only=true "
-                              "to continue from the weights alone")
-    try:
-        state = safe_load(path)
-    except Exception as exc:  # truncated pickles raise assorted types
-        raise CheckpointError(f"{path}: cannot load ({type(exc).__name__}: {str(exc)[:120]}); set "
-                              "Train.resume_weights_only=true to continue from the weights alone") from None
-    if not isinstance(state, dict) or "step" not in state:
-        raise CheckpointError(f"{path}: not a trainer state (no step)")
-    return state
+WEIGHTS_ONLY_HINT = "set Train.resume_weights_only=true to continue from the weights alone"
 
 
-def _load_state_file_plain(path: Path) -> Any:
+def _load_pickle(path: Path, hint: str = "") -> Any:
     """A pickle of the run's own checkpoint through the allow-list, or one-line CheckpointError."""
     try:
         return safe_load(path)
     except Exception as exc:  # truncated pickles raise assorted types
-        raise CheckpointError(f"{path}: cannot load ({type(exc).__name__}: {str(exc)[:120]})") from None
+        raise CheckpointError(f"{path}: cannot load ({type(exc).__name__}: {str(exc)[:120]})"
+                              + (f"; {hint}" if hint else "")) from None
+
+
+def _load_state_file(path: Path) -> Any:
+    """trainer_state.pd / rank_state.*.pd, or one-line CheckpointError (missing, truncated)."""
+    if not path.is_file():
+        raise CheckpointError(f"{path.parent}: cannot resume: no {path.name}; {WEIGHTS_ONLY_HINT}")
+    state = _load_pickle(path, WEIGHTS_ONLY_HINT)
+    if not isinstance(state, dict) or "step" not in state:
+        raise CheckpointError(f"{path}: not a trainer state (no step)")
+    return state
 
 
 def _numpy_rng_state() -> list[Any]:
@@ -288,9 +287,9 @@ class Trainer:
                     continue
                 raise CheckpointError(f"{ckpt}: cannot resume: no {weights}; set Train.resume_weights_only=true "
                                       f"to continue with a fresh {name}")
-            extra.layer.set_state_dict(_load_state_file_plain(ckpt / weights))
+            extra.layer.set_state_dict(_load_pickle(ckpt / weights))
             if (ckpt / opt).is_file() and not weights_only:
-                state = _load_state_file_plain(ckpt / opt)
+                state = _load_pickle(ckpt / opt)
                 self.extra_optimizers[name].set_state_dict(optimizer_state_from_structured(state, extra.layer))
 
     def _apply_update(self, logs: dict[str, float]) -> bool:
