@@ -143,6 +143,10 @@ class TrainConfig:
     # L = L_txt2img + L_img2txt (Eq. 3), is 1 and 1; other values are an option, not the paper
     txt2img_weight: float = 1.0
     img2txt_weight: float = 1.0
+    # > 0: the vilg loss runs the tied output heads + cross-entropy this many target tokens at a
+    # time (models/chunked_ce.py), so the [tokens, vocab] logits and their gradient never exist
+    # whole; same loss and gradients. 0 = plain logits
+    loss_chunk_tokens: int = 0
 
 
 @dataclass
@@ -612,6 +616,7 @@ def _check_train(r: _Range, cfg: Config) -> None:
     r.number("cond_drop", 0.0, 1.0)  # 1 = always the null condition (tests use it)
     r.number("txt2img_weight", 0.0)
     r.number("img2txt_weight", 0.0)
+    r.int_min("loss_chunk_tokens", 0)
 
 
 def _check_model(r: _Range, cfg: Config) -> None:

@@ -225,7 +225,8 @@ class VilgTrainModule:
         if not cfg.Data.tokenizer_ckpt:
             cfg.Data.tokenizer_ckpt = str(info.get("tokenizer_ckpt", ""))
         resolve_model_sizes(cfg, self.text_tokenizer.vocab_size, int(info["grid"]), int(info["codebook_size"]))
-        self.criterion = VilgCriterion(self.text_tokenizer.pad_id, cfg.Train.txt2img_weight, cfg.Train.img2txt_weight)
+        self.criterion = VilgCriterion(self.text_tokenizer.pad_id, cfg.Train.txt2img_weight, cfg.Train.img2txt_weight,
+                                       cfg.Train.loss_chunk_tokens)
         self._image_tokenizer: Any = None
         self._tokenizer_missing = False
 
