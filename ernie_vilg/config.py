@@ -65,6 +65,8 @@ class DataConfig:
     test_manifest: str = ""
     image_size: int = 64  # center crop + resize to this square size
     batch_size: int = 16
+    # tokenizer stages (vq, vqgan, dvae): processes that decode each batch's images
+    # (data/image_workers.py); 0 = in the training process. Same batches either way
     num_workers: int = 0
     # token shards written by tools/tokenize_images.py (for the transformer stages)
     train_shards: str = ""
