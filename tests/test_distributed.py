@@ -309,6 +309,64 @@ def test_sharded_checkpoint_resumes_under_another_sharding_degree(sd2_run, tmp_p
 
 @pytest.mark.distributed
 @pytest.mark.slow
+def test_single_process_checkpoint_resumes_in_two_processes(sd2_run, tmp_path):
+    """1 -> 2: the one-process reference's step-3 checkpoint continues under sharding 2 x
+    accumulation 2 (same global batch) with the reference's losses and weights."""
+    _, ref = sd2_run
+    step3 = Path(ref.cfg.Global.output_dir) / "checkpoints" / "step-00000003"
+    resumed = tmp_path / "resumed"
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copytree(step3, resumed / "checkpoints" / step3.name)
+    launch(2, resumed, toy_overrides(resumed, STEPS, 4, **SD2))
+    ref_losses = [r["loss"] for r in ref.history if r["split"] == "train"]
+    assert [r["step"] for r in map(json.loads, (resumed / "log.jsonl").read_text().splitlines())
+            if r["split"] == "train"] == [4, 5, 6]
+    # tolerance: float32 summation order (2 ranks x 2 micro batches vs one batch of 8)
+    np.testing.assert_allclose(train_losses(resumed), ref_losses[3:], rtol=1e-5)
+    p0, p1 = rank_params(resumed, 0), rank_params(resumed, 1)
+    for key in p0:
+        assert np.array_equal(p0[key], p1[key]), key
+        np.testing.assert_allclose(p0[key], ref.inner.state_dict()[key].numpy(), rtol=1e-5, atol=1e-6, err_msg=key)
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_merge_checkpoint_of_two_processes_resumes_in_one(sd2_run, tmp_path):
+    """tools/merge_checkpoint.py --with-optimizer on a 2-process stage-1 checkpoint: one folder
+    with the full weights, the union of the optimizer shards, a one-process config; it resumes
+    in one process with the reference's losses."""
+    import importlib.util
+
+    from ernie_vilg.config import load_saved_config
+    from ernie_vilg.training.checkpoint import load_model_state
+
+    out, ref = sd2_run
+    step3 = out / "checkpoints" / "step-00000003"
+    spec = importlib.util.spec_from_file_location("merge_tool", REPO / "tools" / "merge_checkpoint.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    merged = tmp_path / "merged"
+    assert tool.main(["--ckpt", str(step3), "--out", str(merged), "--with-optimizer"]) == 0
+    names = {p.name for p in merged.iterdir()}
+    assert "optimizer.pdopt" in names and not [n for n in names if n.startswith(("optimizer.shard", "rank_state"))]
+    whole = paddle.load(str(merged / "optimizer.pdopt"))
+    assert whole.keys() == load_optimizer_state(step3).keys()
+    assert state_bytes(whole) == sum(state_bytes(paddle.load(str(f))) for f in step3.glob("optimizer.shard-*"))
+    src, dst = load_model_state(step3), load_model_state(merged)
+    assert all(np.array_equal(src[k].numpy(), dst[k].numpy()) for k in src)
+    saved = load_saved_config(merged / "config.yaml").Distributed
+    assert (saved.sharding_degree, saved.dp_degree) == (1, 1)
+    meta = json.loads((merged / "meta.json").read_text())
+    assert meta["source_layout"]["sharding_degree"] == 2 and meta["world_size"] == 1
+    (tmp_path / "run" / "checkpoints").mkdir(parents=True)
+    shutil.copytree(merged, tmp_path / "run" / "checkpoints" / step3.name)
+    one = single_process(tmp_path / "run", STEPS, 8)
+    ref_losses = [r["loss"] for r in ref.history if r["split"] == "train"]
+    np.testing.assert_allclose([r["loss"] for r in one.history if r["split"] == "train"], ref_losses[3:], rtol=1e-5)
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
 def test_dp2_x_sharding2_four_processes(tmp_path):
     """The paper's 2-D layout in miniature (needs the new_group barrier workaround on gloo)."""
     out = tmp_path / "run"
