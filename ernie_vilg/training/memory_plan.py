@@ -147,7 +147,7 @@ def activation_bytes(shape: ModelShape, setting: Setting) -> float:
 
 
 def plan(shape: ModelShape, setting: Setting, sharding_degree: int, dp_degree: int = 1,
-         gpu_mem_gb: float = 0.0) -> Plan:
+         gpu_mem_gb: float = 0.0, chunk_tokens: int = 0) -> Plan:
     """Memory per GPU for one setting."""
     psi, n = float(shape.num_params), max(1, sharding_degree)
     low = setting.amp_dtype != "float32" and setting.amp_level == "O2"

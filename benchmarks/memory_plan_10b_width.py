@@ -1,0 +1,138 @@
+"""The memory planner against Paddle's CPU allocator at the 10B model's width (issue 19, item 3).
+
+    python benchmarks/memory_plan_10b_width.py                      # 1 and 2 layers, every policy
+    python benchmarks/memory_plan_10b_width.py --layers 1 --policies none
+
+Each case builds `configs/vilg/ernie_vilg_10b.yaml` cut to 1 or 2 layers (hidden 4,096, 64 heads,
+64 text + 1,024 image tokens per stream, block-wise sparse attention with the schedule of that
+depth), micro batch 1, both directions, float32 (the CPU's only dtype), one process, in its own
+subprocess so the allocator statistics start clean. AdamW's moments are created first (a step on
+zero gradients: the measured step is then a steady-state step, like every step after the first),
+and the peak of Paddle's CPU allocator ("Allocated": bytes of live tensors, not RSS) is taken over
+one training step: forward of both directions, backward, gradient clipping, AdamW, clear_grad
+(which keeps zeroed gradients, as the Trainer does). The planner (`training/memory_plan.plan`) is
+asked for the same setting: stage 1, sharding 1, float32, the policy, micro batch 1.
+
+Output: one JSON line per case, then a markdown table.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from typing import Any
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = os.path.join(REPO, "configs", "vilg", "ernie_vilg_10b.yaml")
+MIB = 2 ** 20
+
+
+def case_config(layers: int, policy: str, chunk: int, text_vocab: int):
+    from ernie_vilg.config import load_config
+
+    return load_config(CONFIG, [
+        f"Model.num_layers={layers}", "Model.attention_impl=sparse_blockwise", f"Model.text_vocab_size={text_vocab}",
+        "Global.device=cpu", "Distributed.sharding_degree=1", "Distributed.dp_degree=1",
+        "Distributed.sharding_stage=1", "Distributed.offload=false", "Distributed.amp_dtype=float32",
+        "Distributed.amp_level=O1", f"Distributed.recompute={policy}", "Distributed.recompute_every_k=2",
+        "Distributed.accumulate_steps=1", "Data.batch_size=1", f"Train.loss_chunk_tokens={chunk}"])
+
+
+def planned(cfg) -> dict[str, float]:
+    from ernie_vilg.training.memory_plan import plan, setting_from_config, shape_from_config
+
+    p = plan(shape_from_config(cfg), setting_from_config(cfg), 1, 1, chunk_tokens=cfg.Train.loss_chunk_tokens)
+    return dict(p.gpu)
+
+
+def worker(args: argparse.Namespace) -> dict[str, Any]:
+    import numpy as np
+    import paddle
+
+    from ernie_vilg.models.losses import VilgCriterion, bidirectional_loss
+    from ernie_vilg.models.transformer import ErnieViLG
+    from ernie_vilg.runtime import configure_threads
+    from ernie_vilg.training.trainer import build_optimizer
+
+    configure_threads(args.threads)
+    cfg = case_config(args.layers, args.policy, args.chunk, args.text_vocab)
+    m = cfg.Model
+    paddle.seed(0)
+    model = ErnieViLG(m, recompute=args.policy, recompute_every_k=cfg.Distributed.recompute_every_k)
+    model.train()
+    optimizer = build_optimizer(model, cfg)
+    criterion = VilgCriterion(pad_id=0, chunk_tokens=args.chunk)
+    rng = np.random.default_rng(0)
+    text = paddle.to_tensor(rng.integers(5, m.text_vocab_size, (1, m.max_text_len)))
+    image = paddle.to_tensor(rng.integers(0, m.image_vocab_size, (1, m.image_grid, m.image_grid)))
+    stats = paddle.base.core
+    # AdamW creates its moments at the first step: make them on zero gradients (cheap), so the
+    # measured step is a steady-state one without paying for a second 10B-width step
+    sum(p.sum() * 0.0 for p in model.parameters()).backward()
+    optimizer.step()
+    optimizer.clear_grad()
+    states = stats.host_memory_stat_current_value("Allocated", 0)
+    stats.host_memory_stat_reset_peak_value("Allocated", 0)
+    t0 = time.perf_counter()
+    loss = bidirectional_loss(model, criterion, text, image)
+    forward_peak = stats.host_memory_stat_peak_value("Allocated", 0)
+    loss.total.backward()
+    optimizer.step()
+    optimizer.clear_grad()
+    seconds = time.perf_counter() - t0
+    peak = stats.host_memory_stat_peak_value("Allocated", 0)
+    params = sum(int(np.prod(p.shape)) for p in model.parameters()) * 4
+    return {"layers": args.layers, "policy": args.policy, "chunk": args.chunk, "step_seconds": seconds,
+            "states_bytes": states, "param_bytes": params, "peak_bytes": peak, "forward_peak_bytes": forward_peak,
+            "loss": float(loss.total)}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--layers", default="1,2")
+    p.add_argument("--policies", default="none,attention_core,full,every_k")
+    p.add_argument("--chunk", type=int, default=0, help="Train.loss_chunk_tokens (0 = plain logits)")
+    p.add_argument("--text-vocab", type=int, default=18000, help="the 10B config's ERNIE vocab size")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--policy", help=argparse.SUPPRESS)
+    p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        args.layers = int(args.layers)
+        print(json.dumps(worker(args)))
+        return
+    rows = []
+    for layers in [int(x) for x in args.layers.split(",")]:
+        for policy in args.policies.split(","):
+            if policy == "every_k" and layers < 2:
+                continue  # with k = 2 one layer is recomputed: the same as full
+            cmd = [sys.executable, __file__, "--worker", "--layers", str(layers), "--policy", policy,
+                   "--chunk", str(args.chunk), "--text-vocab", str(args.text_vocab), "--threads", str(args.threads)]
+            out = subprocess.run(cmd, capture_output=True, text=True)
+            if out.returncode:
+                raise SystemExit(f"{' '.join(cmd)} failed:\n{out.stderr[-3000:]}")
+            got = json.loads(out.stdout.strip().splitlines()[-1])
+            plan = planned(case_config(layers, policy, args.chunk, args.text_vocab))
+            got["planned"] = plan
+            got["planned_total"] = sum(plan.values())
+            got["planned_activations"] = plan["activations"] + plan["logits"]
+            got["measured_activations"] = got["peak_bytes"] - got["states_bytes"]
+            got["error_total"] = got["planned_total"] / got["peak_bytes"] - 1
+            got["error_activations"] = got["planned_activations"] / got["measured_activations"] - 1
+            print(json.dumps(got), flush=True)
+            rows.append(got)
+    print("\n| layers | recompute | step s | measured peak MiB | planned MiB | error | measured step activations MiB"
+          " | planned activations + logits MiB | error |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['layers']} | {r['policy']} | {r['step_seconds']:.0f} | {r['peak_bytes'] / MIB:,.0f} | "
+              f"{r['planned_total'] / MIB:,.0f} | {100 * r['error_total']:+.1f} % | "
+              f"{r['measured_activations'] / MIB:,.0f} | {r['planned_activations'] / MIB:,.0f} | "
+              f"{100 * r['error_activations']:+.1f} % |")
+
+
+if __name__ == "__main__":
+    main()
