@@ -30,10 +30,10 @@ CONFIG = os.path.join(REPO, "configs", "vilg", "ernie_vilg_10b.yaml")
 MIB = 2 ** 20
 
 
-def case_config(layers: int, policy: str, chunk: int, text_vocab: int):
+def case_config(layers: int, policy: str, chunk: int, text_vocab: int, hidden: int = 4096):
     from ernie_vilg.config import load_config
 
-    return load_config(CONFIG, [
+    return load_config(CONFIG, [f"Model.hidden_size={hidden}", f"Model.num_heads={hidden // 64}",
         f"Model.num_layers={layers}", "Model.attention_impl=sparse_blockwise", f"Model.text_vocab_size={text_vocab}",
         "Global.device=cpu", "Distributed.sharding_degree=1", "Distributed.dp_degree=1",
         "Distributed.sharding_stage=1", "Distributed.offload=false", "Distributed.amp_dtype=float32",
@@ -41,11 +41,14 @@ def case_config(layers: int, policy: str, chunk: int, text_vocab: int):
         "Distributed.accumulate_steps=1", "Data.batch_size=1", f"Train.loss_chunk_tokens={chunk}"])
 
 
-def planned(cfg) -> dict[str, float]:
+def planned(cfg, adam: bool) -> dict[str, float]:
     from ernie_vilg.training.memory_plan import plan, setting_from_config, shape_from_config
 
     p = plan(shape_from_config(cfg), setting_from_config(cfg), 1, 1, chunk_tokens=cfg.Train.loss_chunk_tokens)
-    return dict(p.gpu)
+    out = dict(p.gpu)
+    if not adam:  # the case ran without AdamW's moments (see --adam-max-layers)
+        out["optimizer_states"] = 0.0
+    return out
 
 
 def worker(args: argparse.Namespace) -> dict[str, Any]:
@@ -58,12 +61,12 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     from ernie_vilg.training.trainer import build_optimizer
 
     configure_threads(args.threads)
-    cfg = case_config(args.layers, args.policy, args.chunk, args.text_vocab)
+    cfg = case_config(args.layers, args.policy, args.chunk, args.text_vocab, args.hidden or 4096)
     m = cfg.Model
     paddle.seed(0)
     model = ErnieViLG(m, recompute=args.policy, recompute_every_k=cfg.Distributed.recompute_every_k)
     model.train()
-    optimizer = build_optimizer(model, cfg)
+    optimizer = build_optimizer(model, cfg) if args.adam else None
     criterion = VilgCriterion(pad_id=0, chunk_tokens=args.chunk)
     rng = np.random.default_rng(0)
     text = paddle.to_tensor(rng.integers(5, m.text_vocab_size, (1, m.max_text_len)))
@@ -72,20 +75,29 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
     # AdamW creates its moments at the first step: make them on zero gradients (cheap), so the
     # measured step is a steady-state one without paying for a second 10B-width step
     sum(p.sum() * 0.0 for p in model.parameters()).backward()
-    optimizer.step()
-    optimizer.clear_grad()
+    if optimizer is not None:
+        optimizer.step()
+        optimizer.clear_grad()
+    else:  # zeroed gradients stay allocated, as after the Trainer's clear_grad
+        model.clear_gradients(set_to_zero=True)
     states = stats.host_memory_stat_current_value("Allocated", 0)
     stats.host_memory_stat_reset_peak_value("Allocated", 0)
     t0 = time.perf_counter()
     loss = bidirectional_loss(model, criterion, text, image)
     forward_peak = stats.host_memory_stat_peak_value("Allocated", 0)
     loss.total.backward()
-    optimizer.step()
-    optimizer.clear_grad()
+    if optimizer is not None:
+        optimizer.step()
+        optimizer.clear_grad()
+    else:
+        model.clear_gradients(set_to_zero=True)
     seconds = time.perf_counter() - t0
     peak = stats.host_memory_stat_peak_value("Allocated", 0)
     params = sum(int(np.prod(p.shape)) for p in model.parameters()) * 4
-    return {"layers": args.layers, "policy": args.policy, "chunk": args.chunk, "step_seconds": seconds,
+    with open("/proc/self/status") as fh:
+        hwm = next(int(line.split()[1]) * 1024 for line in fh if line.startswith("VmHWM:"))
+    return {"layers": args.layers, "policy": args.policy, "chunk": args.chunk, "adam": bool(args.adam),
+            "hidden": m.hidden_size, "peak_rss_bytes": hwm, "step_seconds": seconds,
             "states_bytes": states, "param_bytes": params, "peak_bytes": peak, "forward_peak_bytes": forward_peak,
             "loss": float(loss.total)}
 
@@ -97,38 +109,58 @@ def main() -> None:
     p.add_argument("--chunk", type=int, default=0, help="Train.loss_chunk_tokens (0 = plain logits)")
     p.add_argument("--text-vocab", type=int, default=18000, help="the 10B config's ERNIE vocab size")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--adam-max-layers", type=int, default=1,
+                   help="AdamW's moments only up to this depth: 2 layers with moments need ~12 GiB (the "
+                        "moments are static bytes the planner counts exactly; their absence is planned too)")
+    p.add_argument("--hidden", type=int, default=0, help="a narrower width (heads scaled alike) for quick checks")
+    p.add_argument("--save", default="", help="append each case's raw JSON to this file")
+    p.add_argument("--render", default="", help="print the table of a --save file with today's planner, run nothing")
     p.add_argument("--policy", help=argparse.SUPPRESS)
+    p.add_argument("--adam", type=int, default=1, help=argparse.SUPPRESS)
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.worker:
         args.layers = int(args.layers)
         print(json.dumps(worker(args)))
         return
+    if args.render:
+        with open(args.render) as fh:
+            raw = [json.loads(line) for line in fh if line.strip()]
+    else:
+        raw = []
+        for layers in [int(x) for x in args.layers.split(",")]:
+            for policy in args.policies.split(","):
+                if policy == "every_k" and layers < 2:
+                    continue  # with k = 2 one layer is recomputed: the same as full
+                adam = int(layers <= args.adam_max_layers)
+                cmd = [sys.executable, __file__, "--worker", "--layers", str(layers), "--policy", policy,
+                       "--chunk", str(args.chunk), "--text-vocab", str(args.text_vocab), "--threads",
+                       str(args.threads), "--adam", str(adam), "--hidden", str(args.hidden)]
+                out = subprocess.run(cmd, capture_output=True, text=True)
+                if out.returncode:
+                    raise SystemExit(f"{' '.join(cmd)} failed:\n{out.stderr[-3000:]}")
+                got = json.loads(out.stdout.strip().splitlines()[-1])
+                if args.save:
+                    with open(args.save, "a") as fh:
+                        fh.write(json.dumps(got) + "\n")
+                raw.append(got)
     rows = []
-    for layers in [int(x) for x in args.layers.split(",")]:
-        for policy in args.policies.split(","):
-            if policy == "every_k" and layers < 2:
-                continue  # with k = 2 one layer is recomputed: the same as full
-            cmd = [sys.executable, __file__, "--worker", "--layers", str(layers), "--policy", policy,
-                   "--chunk", str(args.chunk), "--text-vocab", str(args.text_vocab), "--threads", str(args.threads)]
-            out = subprocess.run(cmd, capture_output=True, text=True)
-            if out.returncode:
-                raise SystemExit(f"{' '.join(cmd)} failed:\n{out.stderr[-3000:]}")
-            got = json.loads(out.stdout.strip().splitlines()[-1])
-            plan = planned(case_config(layers, policy, args.chunk, args.text_vocab))
-            got["planned"] = plan
-            got["planned_total"] = sum(plan.values())
-            got["planned_activations"] = plan["activations"] + plan["logits"]
-            got["measured_activations"] = got["peak_bytes"] - got["states_bytes"]
-            got["error_total"] = got["planned_total"] / got["peak_bytes"] - 1
-            got["error_activations"] = got["planned_activations"] / got["measured_activations"] - 1
-            print(json.dumps(got), flush=True)
-            rows.append(got)
-    print("\n| layers | recompute | step s | measured peak MiB | planned MiB | error | measured step activations MiB"
+    for got in raw:
+        cfg = case_config(got["layers"], got["policy"], got["chunk"], args.text_vocab, got.get("hidden", 4096))
+        plan = planned(cfg, got.get("adam", True))
+        got["planned"] = plan
+        got["planned_total"] = sum(plan.values())
+        got["planned_activations"] = plan["activations"] + plan["logits"]
+        got["measured_activations"] = got["peak_bytes"] - got["states_bytes"]
+        got["error_total"] = got["planned_total"] / got["peak_bytes"] - 1
+        got["error_activations"] = got["planned_activations"] / got["measured_activations"] - 1
+        print(json.dumps(got), flush=True)
+        rows.append(got)
+    print("\n| layers | recompute | AdamW | step s | measured peak MiB | planned MiB | error | measured step activations MiB"
           " | planned activations + logits MiB | error |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['layers']} | {r['policy']} | {r['step_seconds']:.0f} | {r['peak_bytes'] / MIB:,.0f} | "
+        print(f"| {r['layers']} | {r['policy']} | {'yes' if r.get('adam', True) else 'no'} | {r['step_seconds']:.0f} | {r['peak_bytes'] / MIB:,.0f} | "
               f"{r['planned_total'] / MIB:,.0f} | {100 * r['error_total']:+.1f} % | "
               f"{r['measured_activations'] / MIB:,.0f} | {r['planned_activations'] / MIB:,.0f} | "
               f"{100 * r['error_activations']:+.1f} % |")
