@@ -102,6 +102,37 @@ def worker(args: argparse.Namespace) -> dict[str, Any]:
             "loss": float(loss.total)}
 
 
+def probe(hidden: int, heads_list: list[int], impl: str) -> list[dict[str, Any]]:
+    """Kept activation units of one block per layer kind (what `memory_plan.KIND_COSTS` and
+    BLOCK_BASE_UNITS are fitted to): a block of the 10B streams (both directions, micro batch 1)
+    at `hidden`, forward only, allocator bytes kept / (2 x 1,088 x hidden x 4). Over several head
+    counts, units = base + copies x heads x stored_keys / hidden separates the two terms."""
+    import paddle
+
+    from ernie_vilg.models.sparse_masks import Direction, LayerKind, PairedLayout
+    from ernie_vilg.models.transformer import Block, stream_layout
+    from ernie_vilg.training.memory_plan import layer_units, stored_keys
+
+    rows = []
+    stats = paddle.base.core
+    for heads in heads_list:
+        m = case_config(4, "none", 0, 300, hidden).Model
+        m.num_heads, m.attention_impl = heads, impl
+        layout = PairedLayout(stream_layout(m, Direction.TXT2IMG), stream_layout(m, Direction.IMG2TXT))
+        kinds = [LayerKind.DENSE] if impl == "dense" else [LayerKind.ROW, LayerKind.COLUMN, LayerKind.CONV]
+        for kind in kinds:
+            block = Block(m, kind)
+            x = paddle.randn([2, m.max_text_len + m.image_grid ** 2, hidden])
+            x.stop_gradient = False
+            before = stats.host_memory_stat_current_value("Allocated", 0)
+            y = block(x, layout)
+            kept = (stats.host_memory_stat_current_value("Allocated", 0) - before) / (x.size * 4)
+            rows.append({"impl": impl, "kind": kind.value, "hidden": hidden, "heads": heads, "kept_units": kept,
+                         "stored_keys": stored_keys(m, kind), "planned_units": layer_units(m, kind)})
+            del y, x, block
+    return rows
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--layers", default="1,2")
@@ -115,6 +146,9 @@ def main() -> None:
     p.add_argument("--hidden", type=int, default=0, help="a narrower width (heads scaled alike) for quick checks")
     p.add_argument("--save", default="", help="append each case's raw JSON to this file")
     p.add_argument("--render", default="", help="print the table of a --save file with today's planner, run nothing")
+    p.add_argument("--probe", default="", help="comma-separated head counts: one block's kept units per kind "
+                                                "at --hidden (default 1024), e.g. --probe 8,16,32")
+    p.add_argument("--impl", default="sparse_blockwise", help="--probe: sparse_blockwise or dense")
     p.add_argument("--policy", help=argparse.SUPPRESS)
     p.add_argument("--adam", type=int, default=1, help=argparse.SUPPRESS)
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -122,6 +156,13 @@ def main() -> None:
     if args.worker:
         args.layers = int(args.layers)
         print(json.dumps(worker(args)))
+        return
+    if args.probe:
+        from ernie_vilg.runtime import configure_threads
+
+        configure_threads(args.threads)
+        for row in probe(args.hidden or 1024, [int(x) for x in args.probe.split(",")], args.impl):
+            print(json.dumps(row))
         return
     if args.render:
         with open(args.render) as fh:
