@@ -415,8 +415,10 @@ def test_tiny_bidirectional_config_two_processes_via_train_tool(tmp_path):
     cmd = [sys.executable, "-m", "paddle.distributed.launch", "--nproc_per_node", "2", "--master",
            f"127.0.0.1:{free_port()}", "--log_dir", str(tmp_path / "logs"), str(REPO / "tools" / "train.py"),
            "-c", str(REPO / "configs" / "vilg" / "tiny.yaml")]
+    # the two-process run also uses the chunked head + cross-entropy (through Fleet's model
+    # wrapper): the same losses and weights as the plain one-process run
     for o in common + [f"Global.output_dir={two}", "Data.batch_size=4", "Distributed.sharding_degree=2",
-                       "Distributed.accumulate_steps=2"]:
+                       "Distributed.accumulate_steps=2", "Train.loss_chunk_tokens=7"]:
         cmd += ["-o", o]
     proc = subprocess.run(cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
                           text=True, timeout=300)
