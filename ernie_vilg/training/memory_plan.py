@@ -14,19 +14,25 @@ nothing):
               buffer) / N.  stage 3: GPU keeps the gathered layers; CPU holds the float32 master
               shard, its float32 grad, m and v (16 bytes / N)
 
-Activations (Korthikanti et al. 2022, 16-bit, per layer and micro batch of b streams of s
-tokens, hidden h, a heads; k = keys one query attends to: s for dense masks, the sparse
-pattern's mean for the block-wise attention):
+Activations, for configs (`shape_from_config`): a model of this implementation, measured with
+Paddle's allocator (benchmarks/memory_plan_10b_width.py; docs/benchmarks.md "Memory planner").
+Each layer keeps `layer_units` elements per token and hidden unit (17 for norms, projections and
+MLP + its attention core's score copies, by layer kind); a step's peak is the largest moment of
+the backward pass, walked from the last layer: what the layers below keep under the recompute
+policy (1 unit per recomputed layer, 11 under attention_core), the layer being back-propagated
+(recomputed where the policy says so), its activation gradients and a fresh weight gradient next
+to its sum with the accumulated one; plus the embeddings and the logits (2 float32 copies, or the
+chunked loss's buffers with Train.loss_chunk_tokens). Both directions' streams count as tokens.
+16-bit activations take 2 bytes per element, float32 4.
+
+A bare `ModelShape` without `layer_units` uses Korthikanti et al. 2022 (16-bit, per layer and
+micro batch of b streams of s tokens, hidden h, a heads, k keys per query):
 
     none            s b h (34 + 5 a k / h)
     full            2 s b h per layer (the block input) + one layer's full activations
     every_k         full for every k-th layer, none for the others
-    attention_core  s b h 23 per layer (MLP and norms kept; the attention sub-layer, whose score
-                    tensor grows with k, is recomputed) + one layer's attention activations
+    attention_core  s b h 23 per layer + one layer's attention activations
 
-Both directions run on the same batch before backward, so activations count twice (the paper's
-"doubles the memory consumption of activations"). float32 activations take twice the bytes.
-The logits (target tokens x vocab, float32 for the softmax) are added per direction.
 Not counted: allocator fragmentation and communication buffers; `HEADROOM` keeps 10% spare.
 """
 from __future__ import annotations
