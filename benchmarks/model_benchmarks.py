@@ -40,11 +40,17 @@ def _model_cfg(impl: str, layers: int, hidden: int, heads: int, grid: int, text_
                        max_text_len=text_len, image_grid=grid, gelu_approximate=True)
 
 
-def _bidirectional_loss(model: Any, text: Any, image: Any) -> Any:
-    """L = L_txt2img + L_img2txt, exactly as the vilg stage's training step computes it."""
-    from ernie_vilg.models.losses import VilgCriterion
+def _bidirectional_loss(model: Any, text: Any, image: Any, loss: str = "separate", chunk: int = 0) -> Any:
+    """L = L_txt2img + L_img2txt. `separate`: one forward per direction (the figures before issue
+    19); `both`: the vilg stage's one pass over both streams (`bidirectional_loss`), with the
+    chunked head + cross-entropy when `chunk` > 0 (Train.loss_chunk_tokens)."""
+    from ernie_vilg.models.losses import VilgCriterion, bidirectional_loss
     from ernie_vilg.models.sparse_masks import Direction
 
+    if loss == "both":
+        return bidirectional_loss(model, VilgCriterion(pad_id=0, chunk_tokens=chunk), text, image).total
+    if chunk:
+        raise ValueError("--loss-chunk needs --loss both")
     criterion = VilgCriterion(pad_id=0)
     return criterion(model(text, image, Direction.TXT2IMG), image,
                      model(text, image, Direction.IMG2TXT), text).total
@@ -66,7 +72,7 @@ def attention_worker(args: argparse.Namespace) -> dict[str, Any]:
     image = paddle.to_tensor(rng.integers(0, cfg.image_vocab_size, (args.batch, args.grid, args.grid)))
 
     def step() -> None:
-        _bidirectional_loss(model, text, image).backward()
+        _bidirectional_loss(model, text, image, args.loss, args.loss_chunk).backward()
         model.clear_gradients()
 
     stats = paddle.base.core  # Paddle's own CPU allocator statistics (bytes of live tensors)
@@ -79,7 +85,8 @@ def attention_worker(args: argparse.Namespace) -> dict[str, Any]:
         step()
         times.append(time.perf_counter() - t0)
     peak = stats.host_memory_stat_peak_value("Allocated", 0)
-    return {"impl": args.impl, "step_seconds": float(np.median(times)),
+    return {"impl": args.impl, "loss": args.loss, "loss_chunk": args.loss_chunk,
+            "step_seconds": float(np.median(times)),
             "peak_step_mib": (peak - base) / 2**20, "peak_rss_mib": _rss_kib("VmHWM") / 1024.0}
 
 
@@ -90,12 +97,14 @@ def bench_attention(args: argparse.Namespace) -> dict[str, Any]:
             cmd = [sys.executable, __file__, "_attention_worker", "--impl", impl, "--steps", str(args.steps),
                    "--layers", str(args.layers), "--hidden", str(args.hidden), "--heads", str(args.heads),
                    "--grid", str(args.grid), "--text-len", str(args.text_len), "--kernel", str(args.kernel),
-                   "--batch", str(args.batch), "--threads", str(args.threads)]
+                   "--batch", str(args.batch), "--threads", str(args.threads), "--loss", args.loss,
+                   "--loss-chunk", str(args.loss_chunk)]
             out = subprocess.run(cmd, capture_output=True, text=True, check=True)
             results[impl].append(json.loads(out.stdout.strip().splitlines()[-1]))
     summary: dict[str, Any] = {"benchmark": "attention", "tokens": f"{args.text_len} text + {args.grid ** 2} image",
                                "model": f"{args.layers} layers, hidden {args.hidden}, {args.heads} heads, "
-                                        f"conv kernel {args.kernel}, batch {args.batch}"}
+                                        f"conv kernel {args.kernel}, batch {args.batch}",
+                               "loss": args.loss, "loss_chunk": args.loss_chunk}
     for impl, runs in results.items():
         summary[impl] = {"step_seconds": float(np.median([r["step_seconds"] for r in runs])),
                          "peak_step_mib": float(np.median([r["peak_step_mib"] for r in runs]))}
@@ -217,6 +226,10 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--loss", choices=["separate", "both"], default="separate",
+                   help="attention: one forward per direction, or both streams in one pass (the vilg stage)")
+    p.add_argument("--loss-chunk", type=int, default=0,
+                   help="attention, with --loss both: chunked head + cross-entropy, tokens per chunk (0 = off)")
     args = p.parse_args()
     if args.which == "_attention_worker":
         print(json.dumps(attention_worker(args)))

@@ -482,8 +482,9 @@ def load_optimizer_state(ckpt: Path, sharding_rank: int = 0, sharding_degree: in
                 f"{ckpt}: optimizer state was saved by sharding stage 3 with sharding_degree={saved}; "
                 f"stage 3 stores flat per-rank slices of each parameter whose boundaries depend on the "
                 f"degree, so it resumes only with Distributed.sharding_stage=3 and sharding_degree={saved} "
-                f"(the weights in model.pdparams are complete: tools/merge_checkpoint.py --weights-only "
-                f"makes a checkpoint that starts a fresh optimizer under any layout)")
+                f"(the weights are complete: tools/merge_checkpoint.py --ckpt {ckpt} --out DIR "
+                f"writes them as one checkpoint, which resumes under any layout with "
+                f"Train.resume_weights_only=true and a fresh optimizer)")
         return _load(files[sharding_rank])
     return merge_optimizer_shards([_load(f) for f in files], ckpt)
 

@@ -65,6 +65,8 @@ class DataConfig:
     test_manifest: str = ""
     image_size: int = 64  # center crop + resize to this square size
     batch_size: int = 16
+    # tokenizer stages (vq, vqgan, dvae): processes that decode each batch's images
+    # (data/image_workers.py); 0 = in the training process. Same batches either way
     num_workers: int = 0
     # token shards written by tools/tokenize_images.py (for the transformer stages)
     train_shards: str = ""
@@ -143,6 +145,10 @@ class TrainConfig:
     # L = L_txt2img + L_img2txt (Eq. 3), is 1 and 1; other values are an option, not the paper
     txt2img_weight: float = 1.0
     img2txt_weight: float = 1.0
+    # > 0: the vilg loss runs the tied output heads + cross-entropy this many target tokens at a
+    # time (models/chunked_ce.py), so the [tokens, vocab] logits and their gradient never exist
+    # whole; same loss and gradients. 0 = plain logits
+    loss_chunk_tokens: int = 0
 
 
 @dataclass
@@ -273,9 +279,9 @@ class DVAEConfig:
     kl_warmup_steps: int = 5000  # cosine ramp of the KL weight
     straight_through: bool = False  # hard one-hot forward, soft gradient
     # dVAE stage only, NOT DALL-E: a code that was no position's argmax for this many steps takes
-    # over part of a used code's region (dvae_module.split_dead_codes); 0 = off (DALL-E)
+    # over part of a used code's region (vq/dvae_train.py plan_code_splits); 0 = off (DALL-E)
     dead_code_steps: int = 0
-    # dVAE stage only, NOT DALL-E, all off by default (dvae_module.py says why each exists):
+    # dVAE stage only, NOT DALL-E, all off by default (vq/dvae_train.py says why each exists):
     kmeans_init_batches: int = 0  # k-means init of the logits layer on this many train batches (0 = off)
     kmeans_logit_std: float = 10.0  # spread of the k-means-initialised logits over codes
     encoder_freeze_steps: int = 0  # the encoder gets zero gradients for the first N steps
@@ -612,6 +618,7 @@ def _check_train(r: _Range, cfg: Config) -> None:
     r.number("cond_drop", 0.0, 1.0)  # 1 = always the null condition (tests use it)
     r.number("txt2img_weight", 0.0)
     r.number("img2txt_weight", 0.0)
+    r.int_min("loss_chunk_tokens", 0)
 
 
 def _check_model(r: _Range, cfg: Config) -> None:

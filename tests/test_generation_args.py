@@ -87,3 +87,20 @@ def test_ckpt_pointing_at_an_image_tokenizer_says_what_it_is(tmp_path):
     Image.new("RGB", (16, 16), "red").save(image)
     proc = run_cli("tools/caption.py", "--ckpt", str(vq), "--image", str(image))
     assert_one_line_error(proc, "an image tokenizer checkpoint")
+
+
+def test_num_candidates_defaults_to_the_checkpoints_generation_setting(tmp_path):
+    """Generation.num_candidates (60 in the 10B config) is --num-candidates' default."""
+    from ernie_vilg.cli.common import checkpoint_num_candidates
+
+    ckpt = make_checkpoint(tmp_path / "three", tiny_vilg_config("Generation.num_candidates=3"))
+    (ckpt / "vilg.json").write_text('{"image_tokenizer": "image_tokenizer"}')
+    assert checkpoint_num_candidates(ckpt) == 3
+    assert checkpoint_num_candidates(tmp_path / "missing") == 1
+    # --keep is checked against the default before the model loads
+    assert_one_line_error(generate(ckpt, tmp_path / "bad", "--keep", "4"), "--num-candidates (3), got 4")
+    proc = generate(ckpt, tmp_path / "out", "--no-progress")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert sorted(p.name for p in (tmp_path / "out").glob("00000_*.png")) == [f"00000_{k}.png" for k in range(3)]
+    proc = generate(ckpt, tmp_path / "one", "--no-progress", "--num-candidates", "1")  # the flag still wins
+    assert proc.returncode == 0 and (tmp_path / "one" / "00000.png").is_file()

@@ -79,3 +79,89 @@ def test_plan_memory_tool_prints_settings_that_fit():
                           capture_output=True, text=True, timeout=120)
     assert topo.returncode == 0, topo.stderr
     assert "world 16 = dp 2 x sharding 8" in topo.stdout and "global batch 128" in topo.stdout
+
+
+# --------------------------------------------------------------------------------------------
+# the activation model of this implementation against Paddle's CPU allocator (issue 19)
+# --------------------------------------------------------------------------------------------
+def _narrow_cfg(layers: int, policy: str, **extra: str):
+    # the 10B config's streams (64 text + 1,024 image tokens, sparse schedule) at hidden 128, 2 heads
+    # (the same heads / hidden ratio as 4,096 / 64), small vocabularies, float32 on CPU
+    over = [f"Model.num_layers={layers}", "Model.hidden_size=128", "Model.num_heads=2", "Model.text_vocab_size=300",
+            "Model.image_vocab_size=256", "Global.device=cpu", "Distributed.sharding_degree=1",
+            "Distributed.sharding_stage=1", "Distributed.offload=false", "Distributed.amp_dtype=float32",
+            "Distributed.amp_level=O1", f"Distributed.recompute={policy}", "Distributed.accumulate_steps=1",
+            "Data.batch_size=1"] + [f"{k}={v}" for k, v in extra.items()]
+    return load_config(REPO / "configs" / "vilg" / "ernie_vilg_10b.yaml", over)
+
+
+def test_layer_units_match_what_one_block_keeps():
+    """One block's kept activation bytes per layer kind (row, column, conv) = the planner's units."""
+    import paddle
+
+    from ernie_vilg.models.sparse_masks import Direction, LayerKind, PairedLayout
+    from ernie_vilg.models.transformer import Block, stream_layout
+    from ernie_vilg.training.memory_plan import layer_units
+
+    m = _narrow_cfg(4, "none").Model
+    layout = PairedLayout(stream_layout(m, Direction.TXT2IMG), stream_layout(m, Direction.IMG2TXT))
+    stats = paddle.base.core
+    unit = 2 * 1088 * m.hidden_size * 4  # both streams' tokens x hidden x float32
+    for kind in (LayerKind.ROW, LayerKind.COLUMN, LayerKind.CONV):
+        paddle.seed(0)
+        block = Block(m, kind)
+        x = paddle.randn([2, 1088, m.hidden_size])
+        x.stop_gradient = False
+        before = stats.host_memory_stat_current_value("Allocated", 0)
+        y = block(x, layout)
+        kept = (stats.host_memory_stat_current_value("Allocated", 0) - before) / unit
+        assert kept == pytest.approx(layer_units(m, kind), rel=0.08), kind
+        del y
+
+
+@pytest.mark.parametrize("layers, policy", [(1, "none"), (2, "none"), (2, "full"), (2, "attention_core"),
+                                            (3, "every_k")])
+def test_planned_step_activations_match_the_allocator_peak(layers, policy):
+    """A steady-state training step (both directions, backward, AdamW) at a narrow width: the
+    allocator's peak above the model states is the planner's activations + logits within 15 %
+    (docs/benchmarks.md has the same check at the 10B width)."""
+    import numpy as np
+    import paddle
+
+    from ernie_vilg.models.losses import VilgCriterion, bidirectional_loss
+    from ernie_vilg.models.transformer import ErnieViLG
+    from ernie_vilg.training.memory_plan import setting_from_config
+    from ernie_vilg.training.trainer import build_optimizer
+
+    cfg = _narrow_cfg(layers, policy)
+    m = cfg.Model
+    paddle.seed(0)
+    model = ErnieViLG(m, recompute=policy, recompute_every_k=cfg.Distributed.recompute_every_k)
+    optimizer = build_optimizer(model, cfg)
+    sum(p.sum() * 0.0 for p in model.parameters()).backward()  # AdamW's moments, cheaply
+    optimizer.step()
+    optimizer.clear_grad()
+    rng = np.random.default_rng(0)
+    text = paddle.to_tensor(rng.integers(5, m.text_vocab_size, (1, m.max_text_len)))
+    image = paddle.to_tensor(rng.integers(0, m.image_vocab_size, (1, m.image_grid, m.image_grid)))
+    stats = paddle.base.core
+    states = stats.host_memory_stat_current_value("Allocated", 0)
+    stats.host_memory_stat_reset_peak_value("Allocated", 0)
+    bidirectional_loss(model, VilgCriterion(pad_id=0), text, image).total.backward()
+    optimizer.step()
+    optimizer.clear_grad()
+    measured = stats.host_memory_stat_peak_value("Allocated", 0) - states
+    p = plan(shape_from_config(cfg), setting_from_config(cfg), 1)
+    assert p.gpu["activations"] + p.gpu["logits"] == pytest.approx(measured, rel=0.15)
+
+
+def test_chunked_loss_shrinks_the_planned_logits():
+    from ernie_vilg.training.memory_plan import setting_from_config
+
+    cfg = load_config(REPO / "configs" / "vilg" / "ernie_vilg_10b.yaml")
+    shape, setting = shape_from_config(cfg), setting_from_config(cfg)
+    whole, chunked = plan(shape, setting, 8).gpu["logits"], plan(shape, setting, 8, chunk_tokens=256).gpu["logits"]
+    assert chunked == 2 * 256 * 18000 * 4 and chunked < whole / 4
+    # the config's Train.loss_chunk_tokens reaches the plan (tools/plan_memory.py)
+    cfg = load_config(REPO / "configs" / "vilg" / "ernie_vilg_10b.yaml", ["Train.loss_chunk_tokens=256"])
+    assert plan(shape_from_config(cfg), setting, 8).gpu["logits"] == chunked

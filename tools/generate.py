@@ -54,7 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--prompts", help="prompt file: .txt (one a line) or .jsonl (id, text)")
     parser.add_argument("--out", required=True, help="output folder")
     parser.add_argument("--batch-size", type=int, default=8, help="prompts per forward batch")
-    parser.add_argument("--num-candidates", type=int, default=1, help="images sampled per prompt")
+    parser.add_argument("--num-candidates", type=int, default=None,
+                        help="images sampled per prompt (default: the checkpoint's Generation.num_candidates, "
+                             "e.g. 60 in the 10B config; 1 if it has none)")
     parser.add_argument("--keep", type=int, default=0,
                         help="best-of-N: keep the best K of --num-candidates per prompt (0 = keep all, unranked)")
     parser.add_argument("--reranker", default="", help="reranker checkpoint folder (tools/train.py, stage reranker)")
@@ -83,6 +85,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if (args.init_image is None) != (args.keep_rows == 0):
         parser.exit(2, "error: --init-image and --keep-rows >= 1 go together\n")
+    if args.num_candidates is None:
+        from ernie_vilg.cli.common import checkpoint_num_candidates
+
+        args.num_candidates = checkpoint_num_candidates(args.ckpt)
     check_generate_args(args)  # one line and exit 2 before the model loads
 
     def run() -> int:

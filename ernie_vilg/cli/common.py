@@ -66,6 +66,21 @@ def output_folder_problem(out: str, overwrite: bool = False) -> Optional[str]:
     return None
 
 
+def checkpoint_num_candidates(ckpt: str | Path) -> int:
+    """`Generation.num_candidates` of a checkpoint, run or pretrained folder (1 when it has none or
+    cannot be read here: loading the model reports a bad checkpoint properly later)."""
+    if not Path(ckpt).exists():
+        return 1
+    from ernie_vilg.generation.pretrained import is_pretrained_dir, load_pretrained_config
+    from ernie_vilg.checkpoint_io import CheckpointError, load_checkpoint_config
+
+    try:
+        cfg = load_pretrained_config(ckpt) if is_pretrained_dir(ckpt) else load_checkpoint_config(ckpt)[1]
+    except (CheckpointError, ConfigError, OSError):
+        return 1
+    return int(cfg.Generation.num_candidates)
+
+
 def check_generate_args(args: argparse.Namespace) -> None:
     """tools/generate.py's arguments, before anything loads: one line and exit 2 if unusable."""
     from ernie_vilg.data.manifest import has_visible_text

@@ -113,6 +113,14 @@ def load_image(path: str | Path, size: int) -> np.ndarray:
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 
+def decode_or_error(path: str, size: int) -> tuple[Optional[np.ndarray], str]:
+    """(image, "") or (None, the ImageError's message): errors cross a process boundary as text."""
+    try:
+        return load_image(path, size), ""
+    except ImageError as exc:
+        return None, str(exc)
+
+
 class ImageBatches:
     """Endless, seeded, resumable batches of images from a manifest, partitioned across ranks.
 
@@ -132,6 +140,7 @@ class ImageBatches:
         world_size: int = 1,
         shuffle: bool = True,
         records: Optional[list[ManifestRecord]] = None,
+        num_workers: int = 0,
     ) -> None:
         self.records = records if records is not None else read_manifest(manifest)
         if not self.records:
@@ -149,35 +158,65 @@ class ImageBatches:
         # distinct paths, not lines: a path listed on two lines fails twice but is one bad image,
         # so comparing bad paths with the line count never stopped an all-bad manifest (a hang)
         self._num_paths = len({rec.image_path for rec in self.records})
+        # Data.num_workers > 0: decode each batch in that many processes (data/image_workers.py);
+        # the batches and the state are the same as with 0
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {num_workers}")
+        self.num_workers = num_workers
+        self._workers: Any = None
 
     def _order(self, epoch: int) -> np.ndarray:
         n = len(self.records)
         order = np.random.default_rng(self.seed + epoch).permutation(n) if self.shuffle else np.arange(n)
         return order[self.rank :: self.world_size]
 
+    def _next_records(self, count: int) -> list[ManifestRecord]:
+        """The next `count` records of this rank's order (advancing epochs as needed)."""
+        out = []
+        order = self._order(self.epoch)
+        for _ in range(count):
+            if self.position >= len(order):
+                self.epoch += 1
+                self.position = 0
+                order = self._order(self.epoch)
+            out.append(self.records[order[self.position]])
+            self.position += 1
+        return out
+
+    def _decode(self, recs: list[ManifestRecord]) -> list[tuple[Optional[np.ndarray], str]]:
+        if self.num_workers > 0:
+            from ernie_vilg.data.image_workers import ImageWorkers
+
+            if self._workers is None:
+                self._workers = ImageWorkers(self.num_workers)
+            return self._workers.decode(decode_or_error, [rec.image_path for rec in recs], self.image_size)
+        return [decode_or_error(rec.image_path, self.image_size) for rec in recs]
+
+    def close(self) -> None:
+        """End the decoding processes (num_workers > 0); iterating again restarts them."""
+        if self._workers is not None:
+            self._workers.close()
+            self._workers = None
+
     def __iter__(self) -> Iterator[dict[str, Any]]:
         while True:
-            order = self._order(self.epoch)
             images, paths, records = [], [], []
             while len(images) < self.batch_size:
-                if self.position >= len(order):
-                    self.epoch += 1
-                    self.position = 0
-                    order = self._order(self.epoch)
-                rec = self.records[order[self.position]]
-                self.position += 1
-                try:
-                    images.append(load_image(rec.image_path, self.image_size))
-                except ImageError as exc:
-                    self.skipped += 1
-                    if rec.image_path not in self._bad:
-                        self._bad.add(rec.image_path)
-                        log.warning("skipping bad image (%d skipped so far): %s", self.skipped, exc)
-                    if len(self._bad) >= self._num_paths:
-                        raise ImageError("every image of the manifest failed to load") from None
-                    continue
-                paths.append(rec.image_path)
-                records.append(rec)
+                # exactly the records a one-by-one loop would visit: a bad image is replaced by
+                # the next record in the following round, so the order never depends on workers
+                recs = self._next_records(self.batch_size - len(images))
+                for rec, (image, error) in zip(recs, self._decode(recs)):
+                    if image is None:
+                        self.skipped += 1
+                        if rec.image_path not in self._bad:
+                            self._bad.add(rec.image_path)
+                            log.warning("skipping bad image (%d skipped so far): %s", self.skipped, error)
+                        if len(self._bad) >= self._num_paths:
+                            raise ImageError("every image of the manifest failed to load") from None
+                        continue
+                    images.append(image)
+                    paths.append(rec.image_path)
+                    records.append(rec)
             yield {"images": np.stack(images), "paths": paths, "records": records}
 
     def state_dict(self) -> dict[str, Any]:

@@ -320,7 +320,7 @@ MEDIA_ITEMS = 8  # validation items shown in VisualDL (the first ones of the val
 
 def validation_media(model: ErnieViLG, text_tokenizer: Any, image_tokenizer: Optional[Any], shards: Any,
                      cfg: Config, seed: int = 0, items: int = MEDIA_ITEMS) -> Any:
-    """training.media.ValidationMedia of the vilg stage: for the first `items` val records (the
+    """data.media.ValidationMedia of the vilg stage: for the first `items` val records (the
     same prompts at every validation), a grid of their true image tokens decoded (top row) over
     the images generated from their texts (bottom row), the prompts, and greedy captions of the
     true tokens beside their references. Without an image tokenizer: the texts only."""

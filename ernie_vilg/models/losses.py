@@ -29,6 +29,11 @@ class VilgLoss:
 def token_nll(logits: Tensor, targets: Tensor, loss_mask: Tensor | None = None) -> Tensor:
     """Mean NLL over the tokens where loss_mask is 1. logits [B, T, V], targets [B, T] int64."""
     nll = F.cross_entropy(logits.astype("float32"), targets.unsqueeze(-1), reduction="none").squeeze(-1)  # [B, T]
+    return masked_mean(nll, loss_mask)
+
+
+def masked_mean(nll: Tensor, loss_mask: Tensor | None = None) -> Tensor:
+    """Mean of per-token NLLs [B, T] over the tokens where loss_mask is 1 (all when None)."""
     if loss_mask is None:
         return nll.mean()
     mask = loss_mask.astype("float32")
@@ -68,12 +73,18 @@ def answer_nll(text_logits: Tensor, text_ids: Tensor, text_prefix: Tensor, pad_i
 class VilgCriterion(nn.Layer):
     """(image logits, image ids, text logits, text ids) -> VilgLoss."""
 
-    def __init__(self, pad_id: int, txt2img_weight: float = 1.0, img2txt_weight: float = 1.0) -> None:
+    def __init__(self, pad_id: int, txt2img_weight: float = 1.0, img2txt_weight: float = 1.0,
+                 chunk_tokens: int = 0) -> None:
         super().__init__()
         if txt2img_weight < 0 or img2txt_weight < 0 or txt2img_weight + img2txt_weight <= 0:
             raise ValueError(f"loss weights must be >= 0 and not both 0, got txt2img {txt2img_weight}, "
                              f"img2txt {img2txt_weight}")
+        if chunk_tokens < 0:
+            raise ValueError(f"chunk_tokens must be >= 0 (0 = plain logits), got {chunk_tokens}")
         self.pad_id = pad_id
+        # > 0: `bidirectional_loss` asks the model for per-token NLLs from the chunked head
+        # (models/chunked_ce.py, Train.loss_chunk_tokens) instead of whole logits
+        self.chunk_tokens = int(chunk_tokens)
         self.txt2img_weight, self.img2txt_weight = float(txt2img_weight), float(img2txt_weight)
 
     def forward(self, image_logits: Tensor, image_ids: Tensor, text_logits: Tensor, text_ids: Tensor) -> VilgLoss:
@@ -83,6 +94,13 @@ class VilgCriterion(nn.Layer):
         loss_t2i = token_nll(image_logits, image_targets)
         loss_i2t = caption_nll(text_logits, text_ids, self.pad_id)
         # weights of 1.0 multiply exactly: the default is the paper's sum bit for bit
+        return VilgLoss(self.txt2img_weight * loss_t2i + self.img2txt_weight * loss_i2t, loss_t2i, loss_i2t)
+
+    def from_nll(self, image_nll: Tensor, text_nll: Tensor, text_ids: Tensor) -> VilgLoss:
+        """The same loss from per-token NLLs (image [B, n], text [B, L-1]) of the chunked head."""
+        loss_t2i = masked_mean(image_nll)
+        text_targets = text_ids[:, 1:]
+        loss_i2t = masked_mean(text_nll, text_targets != self.pad_id)
         return VilgLoss(self.txt2img_weight * loss_t2i + self.img2txt_weight * loss_i2t, loss_t2i, loss_i2t)
 
 
@@ -95,5 +113,12 @@ def bidirectional_loss(model: nn.Layer, criterion: VilgCriterion, text_ids: Tens
     when given (null conditions of guidance training); the targets are always the real image and
     text."""
     # through __call__ (direction "both" = ErnieViLG.BOTH), so DataParallel / sharding wrappers hook in
+    if getattr(criterion, "chunk_tokens", 0) > 0:
+        # the heads inside the model's forward (stage-3 gathering hooks see them) return NLLs
+        image_targets = image_ids.reshape([image_ids.shape[0], -1])
+        image_nll, text_nll = model(text_ids, image_ids, "both", None, t2i_text_ids, i2t_image_ids,
+                                    head_targets=(image_targets, text_ids[:, 1:]),
+                                    chunk_tokens=criterion.chunk_tokens)
+        return criterion.from_nll(image_nll, text_nll, text_ids)
     image_logits, text_logits = model(text_ids, image_ids, "both", None, t2i_text_ids, i2t_image_ids)
     return criterion(image_logits, image_ids, text_logits, text_ids)

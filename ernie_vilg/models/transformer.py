@@ -35,6 +35,7 @@ import paddle.nn.functional as F
 
 from ernie_vilg.config import ModelConfig
 from ernie_vilg.models.attention import SelfAttention
+from ernie_vilg.models.chunked_ce import linear_cross_entropy
 from ernie_vilg.models.fast_ops import Linear, add_bias
 from ernie_vilg.models.guidance import NULL_IMAGE_ID
 from ernie_vilg.models.sparse_masks import (
@@ -152,7 +153,11 @@ class TiedHead(nn.Layer):
         self.weight = weight  # tied: the embedding's Parameter itself, one tensor with two names
         self.bias = self.create_parameter([weight.shape[0]], is_bias=True)
 
-    def forward(self, h: Tensor) -> Tensor:
+    def forward(self, h: Tensor, targets: Tensor | None = None, chunk_tokens: int = 0) -> Tensor:
+        """Logits [.., V]; with `targets` [..] the per-token NLL [..] instead, from the chunked
+        linear + cross-entropy (`chunked_ce.py`) that never holds all logits at once."""
+        if targets is not None:
+            return linear_cross_entropy(h, self.weight, self.bias, targets, chunk_tokens)
         return add_bias(paddle.matmul(h, self.weight, transpose_y=True), self.bias)
 
 
@@ -261,7 +266,8 @@ class ErnieViLG(nn.Layer):
 
     def forward(self, text_ids: Tensor, image_ids: Tensor, direction: Direction | str,
                 text_prefix: Tensor | np.ndarray | None = None, t2i_text_ids: Tensor | None = None,
-                i2t_image_ids: Tensor | None = None) -> Tensor | tuple[Tensor, Tensor]:
+                i2t_image_ids: Tensor | None = None, head_targets: tuple[Tensor, Tensor] | None = None,
+                chunk_tokens: int = 0) -> Tensor | tuple[Tensor, Tensor]:
         """Target logits of one direction, aligned with the targets.
 
         direction BOTH ("both") returns both directions' logits from one pass (`forward_both`,
@@ -274,11 +280,15 @@ class ErnieViLG(nn.Layer):
         (row j predicts text_ids[:, j + 1]).
         text_prefix: int [B] or None, image-to-text only: the first text_prefix[b] text positions of
         sample b are source (VQA question); rows j >= text_prefix[b] - 1 predict its answer.
+        head_targets (direction BOTH only): (image targets [B, n], text targets [B, L - 1]) -> the
+        per-token NLLs of both directions instead of logits, `chunk_tokens` rows of logits at a time.
         """
         if direction == BOTH:
             if text_prefix is not None:
                 raise ValueError("a text prefix (VQA question) needs the image-to-text direction alone")
-            return self.forward_both(text_ids, image_ids, t2i_text_ids, i2t_image_ids)
+            return self.forward_both(text_ids, image_ids, t2i_text_ids, i2t_image_ids, head_targets, chunk_tokens)
+        if head_targets is not None:
+            raise ValueError("head_targets (the chunked loss) is an input of direction 'both'")
         if t2i_text_ids is not None or i2t_image_ids is not None:
             raise ValueError("t2i_text_ids / i2t_image_ids are inputs of direction 'both'")
         direction = Direction(direction)
@@ -293,7 +303,8 @@ class ErnieViLG(nn.Layer):
         return self.head_txt(h_pred)
 
     def forward_both(self, text_ids: Tensor, image_ids: Tensor, t2i_text_ids: Tensor | None = None,
-                     i2t_image_ids: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                     i2t_image_ids: Tensor | None = None, head_targets: tuple[Tensor, Tensor] | None = None,
+                     chunk_tokens: int = 0) -> tuple[Tensor, Tensor]:
         """Target logits of both directions in one pass: (image logits [B, n, V_img], text logits
         [B, L - 1, V_txt]), equal to `forward` of each direction.
 
@@ -321,6 +332,10 @@ class ErnieViLG(nn.Layer):
         h_t2i, h_i2t = paddle.split(h, 2, axis=0)
         _, img_pred, _ = paddle.split(h_t2i, [L - 1, n, 1], axis=1)  # positions L-1 .. L+n-2 predict z_1 .. z_n
         _, txt_pred, _ = paddle.split(h_i2t, [n, L - 1, 1], axis=1)  # text positions 0 .. L-2 predict 1 .. L-1
+        if head_targets is not None:  # per-token NLLs [B, n], [B, L - 1] (Train.loss_chunk_tokens)
+            image_targets, text_targets = head_targets
+            return (self.head_img(img_pred, image_targets.reshape([B, n]), chunk_tokens),
+                    self.head_txt(txt_pred, text_targets, chunk_tokens))
         return self.head_img(img_pred), self.head_txt(txt_pred)
 
     # ---------------------------------------------------------------- incremental decoding

@@ -124,7 +124,8 @@ class VilgTrainModule(TrainModule):
         self.text_tokenizer = TextTokenizer(cfg.Data.vocab_file)
         # the training rows are streamed (train_batches); validation rows are held in memory
         self.val_shards = TokenShards(cfg.Data.val_shards) if cfg.Data.val_shards else None
-        self.criterion = VilgCriterion(self.text_tokenizer.pad_id, cfg.Train.txt2img_weight, cfg.Train.img2txt_weight)
+        self.criterion = VilgCriterion(self.text_tokenizer.pad_id, cfg.Train.txt2img_weight, cfg.Train.img2txt_weight,
+                                       cfg.Train.loss_chunk_tokens)
         self._image_tokenizer: Any = None
         self._tokenizer_missing = False
         self._cond_dropper: Optional[ConditionDropper] = None

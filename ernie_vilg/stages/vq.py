@@ -66,7 +66,8 @@ class ImageTokenizerStage(TrainModule):
         d = self.cfg.Data
         if not d.train_manifest:
             raise ConfigError(f"Data.train_manifest: required for the {self.name} stage")
-        return ImageBatches(d.train_manifest, d.image_size, d.batch_size, self.cfg.Global.seed, rank, world_size)
+        return ImageBatches(d.train_manifest, d.image_size, d.batch_size, self.cfg.Global.seed, rank, world_size,
+                            num_workers=d.num_workers)
 
     def validate(self, model: paddle.nn.Layer, step: int) -> dict[str, float]:
         d = self.cfg.Data

@@ -83,7 +83,7 @@ class MetricsLogger:
             tmp.replace(path)
 
     def write_media(self, step: int, media: Any) -> list[Path]:
-        """Log a `training.media.ValidationMedia`: every grid with add_image under `val/<tag>`,
+        """Log a `data.media.ValidationMedia`: every grid with add_image under `val/<tag>`,
         every text with add_text; the first grid is mirrored to samples/step-N.png, the others to
         samples/step-N_<tag>.png (a PNG needs no VisualDL to look at). Returns the PNG paths."""
         if not self.enabled or media is None:

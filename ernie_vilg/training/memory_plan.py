@@ -14,19 +14,25 @@ nothing):
               buffer) / N.  stage 3: GPU keeps the gathered layers; CPU holds the float32 master
               shard, its float32 grad, m and v (16 bytes / N)
 
-Activations (Korthikanti et al. 2022, 16-bit, per layer and micro batch of b streams of s
-tokens, hidden h, a heads; k = keys one query attends to: s for dense masks, the sparse
-pattern's mean for the block-wise attention):
+Activations, for configs (`shape_from_config`): a model of this implementation, measured with
+Paddle's allocator (benchmarks/memory_plan_10b_width.py; docs/benchmarks.md "Memory planner").
+Each layer keeps `layer_units` elements per token and hidden unit (17 for norms, projections and
+MLP + its attention core's score copies, by layer kind); a step's peak is the largest moment of
+the backward pass, walked from the last layer: what the layers below keep under the recompute
+policy (1 unit per recomputed layer, 11 under attention_core), the layer being back-propagated
+(recomputed where the policy says so), its activation gradients and a fresh weight gradient next
+to its sum with the accumulated one; plus the embeddings and the logits (2 float32 copies, or the
+chunked loss's buffers with Train.loss_chunk_tokens). Both directions' streams count as tokens.
+16-bit activations take 2 bytes per element, float32 4.
+
+A bare `ModelShape` without `layer_units` uses Korthikanti et al. 2022 (16-bit, per layer and
+micro batch of b streams of s tokens, hidden h, a heads, k keys per query):
 
     none            s b h (34 + 5 a k / h)
     full            2 s b h per layer (the block input) + one layer's full activations
     every_k         full for every k-th layer, none for the others
-    attention_core  s b h 23 per layer (MLP and norms kept; the attention sub-layer, whose score
-                    tensor grows with k, is recomputed) + one layer's attention activations
+    attention_core  s b h 23 per layer + one layer's attention activations
 
-Both directions run on the same batch before backward, so activations count twice (the paper's
-"doubles the memory consumption of activations"). float32 activations take twice the bytes.
-The logits (target tokens x vocab, float32 for the softmax) are added per direction.
 Not counted: allocator fragmentation and communication buffers; `HEADROOM` keeps 10% spare.
 """
 from __future__ import annotations
@@ -35,7 +41,7 @@ import dataclasses
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 from ernie_vilg.config import Config, ModelConfig
 
@@ -70,6 +76,12 @@ class ModelShape:
     keys_per_query: float  # mean keys a query attends to
     logit_elems: int  # target logits of both directions per stream: tokens x vocab
     ffn_mult: int = 4
+    # measured implementation model (shape_from_config fills it; empty = Korthikanti's formula):
+    # activation elements per token and hidden unit each layer keeps without recompute
+    layer_units: tuple[float, ...] = ()
+    ffn_in: int = 0  # fc1's output width (2 f under GEGLU): the largest block weight is h x ffn_in
+    max_vocab: int = 0  # the widest head, for the chunked loss's buffers
+    chunk_tokens: int = 0  # Train.loss_chunk_tokens of the config (0 = whole logits)
 
     @property
     def layer_params(self) -> int:
@@ -108,14 +120,59 @@ def shape_from_config(cfg: Config, num_params: Optional[int] = None) -> ModelSha
     if min(m.text_vocab_size, m.image_vocab_size, m.image_grid) <= 0:
         raise ValueError("Model.text_vocab_size, image_vocab_size and image_grid must be set (not 0) to plan memory")
     seq = m.max_text_len + m.image_grid ** 2
+    kinds = layer_kinds(m.num_layers, m.attention_impl)
     if m.attention_impl == "sparse_blockwise":
         layouts = [stream_layout(m, d) for d in Direction]
-        kinds = layer_kinds(m.num_layers, m.attention_impl)
         keys = max(sum(mean_visible_keys(lay, k) for k in kinds) / len(kinds) for lay in layouts)
     else:
         keys = float(seq)  # a precomputed (L + n)^2 mask: full score matrices
     logits = m.image_grid ** 2 * m.image_vocab_size + (m.max_text_len - 1) * m.text_vocab_size
-    return ModelShape(num_params or count(m), m.num_layers, m.hidden_size, m.num_heads, seq, keys, logits, m.ffn_mult)
+    units = tuple(layer_units(m, kind) for kind in kinds)
+    f_in = (2 if m.ffn_act == "geglu" else 1) * m.ffn_mult * m.hidden_size
+    return ModelShape(num_params or count(m), m.num_layers, m.hidden_size, m.num_heads, seq, keys, logits, m.ffn_mult,
+                      units, f_in, max(m.image_vocab_size, m.text_vocab_size), cfg.Train.loss_chunk_tokens)
+
+
+# ---------------------------------------------------------------------------------------------
+# Activation model of this implementation (issue 19): what Paddle's autograd keeps, measured with
+# benchmarks/memory_plan_10b_width.py --probe (one block's kept bytes at several head counts) and
+# checked against whole training steps at the 10B width (docs/benchmarks.md). Units: elements per
+# token and hidden unit, both directions' streams counted as tokens; bytes = units x s x b x h x
+# the activation dtype's size.
+# ---------------------------------------------------------------------------------------------
+BLOCK_BASE_UNITS = 17.0  # LayerNorms, QKV, attention output, MLP (Korthikanti's 34 bytes at 16 bit)
+# per layer kind: (extra units, score copies kept per stored score). Row / column: the softmax
+# output and the text / image halves split from it; column adds its transposes; conv adds the
+# halo-tiled key / value / query copies and the probabilities gathered into query slots; the dense
+# cores keep one [T, T] probability matrix per head
+KIND_COSTS = {"row": (0.0, 1.48), "column": (0.4, 1.64), "conv": (8.1, 1.91), "dense": (1.1, 1.0)}
+ATTENTION_CORE_KEPT = 11.0  # attention_core keeps the block input, the residual, the MLP and its norm
+MLP_UNITS = 9.0  # LayerNorm output, fc1 output, activation output: freed before the attention backward
+EMBED_UNITS = 4.5  # embeddings, direction add, final LayerNorm, the heads' inputs
+BACKWARD_UNITS = 4.0  # activation gradients alive while a block runs backward
+LOGIT_COPIES = 2.0  # float32 logits and softmax in the forward, softmax and its gradient in the backward
+
+
+def stored_keys(cfg: ModelConfig, kind: Any) -> float:
+    """Score columns per head the layer's core keeps per token, averaged over both streams."""
+    L, n = cfg.max_text_len, cfg.image_grid ** 2
+    if cfg.attention_impl != "sparse_blockwise" or kind.value == "dense":
+        return float(L + n)  # a full [T, T] score matrix
+    from ernie_vilg.models.sparse_masks import conv_halo_tiles
+
+    if kind.value == "conv":
+        width = conv_halo_tiles(cfg.image_grid, cfg.image_grid, cfg.conv_kernel, True)[3].shape[1]
+    else:
+        width = cfg.image_grid  # one row (or column) block per image query
+    # text-to-image: text rows see the text, image rows the text + their block; image-to-text:
+    # image rows their block, text rows every image key + the text
+    return (L * L + n * (L + width) + n * width + L * (n + L)) / (2.0 * (L + n))
+
+
+def layer_units(cfg: ModelConfig, kind: Any) -> float:
+    name = "dense" if cfg.attention_impl != "sparse_blockwise" else kind.value
+    extra, copies = KIND_COSTS[name]
+    return BLOCK_BASE_UNITS + extra + copies * cfg.num_heads * stored_keys(cfg, kind) / cfg.hidden_size
 
 
 def _act_bytes_per_layer(shape: ModelShape, b: int, policy: str) -> tuple[float, float]:
@@ -131,7 +188,52 @@ def _act_bytes_per_layer(shape: ModelShape, b: int, policy: str) -> tuple[float,
     raise ValueError(policy)
 
 
+def _kept_units(units: float, index: int, setting: Setting) -> float:
+    """Units a layer keeps between its forward and its backward under the recompute policy."""
+    policy = setting.recompute
+    if policy == "full" or (policy == "every_k" and index % max(1, setting.recompute_every_k) == 0):
+        return 1.0  # the block input
+    if policy == "attention_core":
+        return min(units, ATTENTION_CORE_KEPT)
+    return units
+
+
+def step_activation_bytes(shape: ModelShape, setting: Setting, weight_bytes: float) -> float:
+    """Peak activation bytes of a training step (both directions) for this implementation: the
+    largest of, for each layer l as backward reaches it, what layers < l keep + layer l
+    materialised (recomputed if its policy says so) + the transients of its backward: activation
+    gradients and a fresh weight gradient next to its sum with the accumulated one, in its MLP
+    (h x ffn_in) or in its attention (h x 3h), whose MLP activations are freed by then. Plus the
+    embeddings; the logits are separate (`logit_bytes`)."""
+    act = 2.0 if setting.amp_dtype != "float32" else 4.0
+    tokens = 2.0 * setting.micro_batch * shape.seq_len  # two streams per item
+    unit = tokens * shape.hidden * act
+    h = shape.hidden
+    mlp_weight = 2.0 * h * (shape.ffn_in or shape.ffn_mult * h) * weight_bytes
+    attn_weight = 2.0 * 3 * h * h * weight_bytes
+    peak, below = 0.0, 0.0
+    for i, units in enumerate(shape.layer_units):
+        mlp_moment = below * unit + min(units, ATTENTION_CORE_KEPT if setting.recompute == "attention_core"
+                                        else units) * unit + mlp_weight
+        attn_moment = below * unit + (units - MLP_UNITS) * unit + attn_weight
+        peak = max(peak, mlp_moment, attn_moment)
+        below += _kept_units(units, i, setting)
+    return (EMBED_UNITS + BACKWARD_UNITS) * unit + peak
+
+
+def logit_bytes(shape: ModelShape, setting: Setting, chunk_tokens: int = 0) -> float:
+    """Head + cross-entropy memory: whole float32 logits of both directions, or with the chunked
+    loss (Train.loss_chunk_tokens) a chunk's logits and their gradient."""
+    low = setting.amp_dtype != "float32" and setting.amp_level == "O2"
+    if chunk_tokens > 0 and shape.max_vocab:
+        return 2.0 * chunk_tokens * shape.max_vocab * 4.0
+    return setting.micro_batch * shape.logit_elems * (4.0 * LOGIT_COPIES + (2.0 if low else 0.0))
+
+
 def activation_bytes(shape: ModelShape, setting: Setting) -> float:
+    if shape.layer_units:
+        low = setting.amp_dtype != "float32" and setting.amp_level == "O2"
+        return step_activation_bytes(shape, setting, 2.0 if low else 4.0)
     b, L = setting.micro_batch, shape.num_layers
     if setting.recompute == "every_k":
         k = max(1, setting.recompute_every_k)
@@ -147,7 +249,7 @@ def activation_bytes(shape: ModelShape, setting: Setting) -> float:
 
 
 def plan(shape: ModelShape, setting: Setting, sharding_degree: int, dp_degree: int = 1,
-         gpu_mem_gb: float = 0.0) -> Plan:
+         gpu_mem_gb: float = 0.0, chunk_tokens: int = 0) -> Plan:
     """Memory per GPU for one setting."""
     psi, n = float(shape.num_params), max(1, sharding_degree)
     low = setting.amp_dtype != "float32" and setting.amp_level == "O2"
@@ -177,8 +279,10 @@ def plan(shape: ModelShape, setting: Setting, sharding_degree: int, dp_degree: i
             p.gpu.update(parameters=w * psi / n + gathered, gradients=g * psi / n,
                          optimizer_states=moments * psi / n, master_weights=master * psi / n)
     p.gpu["activations"] = activation_bytes(shape, setting)
-    # logits of both directions in float32 (softmax) plus their 16-bit copy
-    p.gpu["logits"] = setting.micro_batch * shape.logit_elems * (4.0 + (2.0 if low else 0.0))
+    if shape.layer_units:
+        p.gpu["logits"] = logit_bytes(shape, setting, chunk_tokens or shape.chunk_tokens)
+    else:  # Korthikanti's model: logits of both directions in float32 (softmax) plus their 16-bit copy
+        p.gpu["logits"] = setting.micro_batch * shape.logit_elems * (4.0 + (2.0 if low else 0.0))
     return p
 
 

@@ -21,7 +21,6 @@ from ernie_vilg.config import DistributedConfig, save_config
 from ernie_vilg.checkpoint_io import (
     OPTIMIZER_PREFIX,
     SHARD_FILE,
-    WEIGHTS_PREFIX,
     CheckpointError,
     is_weight_file,
     load_checkpoint_config,

@@ -148,7 +148,7 @@ def gold_ids_of_records(
 
 def reconstruction_media(tokenizer: ImageTokenizer, records: list[ManifestRecord], image_size: int,
                          items: int = 8) -> Any:
-    """training.media.ValidationMedia of a tokenizer stage: the first `items` val images (top
+    """data.media.ValidationMedia of a tokenizer stage: the first `items` val images (top
     row) over their reconstructions through the codebook (bottom row)."""
     from ernie_vilg.data.media import ValidationMedia, media_grid
 
