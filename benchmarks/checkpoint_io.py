@@ -10,7 +10,11 @@ data-parallel ranks, it writes one checkpoint the way each layout does and reads
   (`paddle.save`, which converts every tensor to a host array first); every rank loads all of it
   (`safe_load`: unpickled once to check the allow-list, once by `paddle.load`);
 - sharded: every rank writes its part of the names, one tensor in host memory at a time
-  (`checkpoint_io.write_partition`); loading reads each tensor once, lazily (`read_sharded`).
+  (`checkpoint_io.write_partition`); loading streams the weights into the model one tensor at a
+  time (`load_weights_into`) and reads the optimizer state once (`read_sharded`).
+
+Loading ends, in both layouts, with the weights in the model and the optimizer state as a dict
+(what a resume hands to the optimizer).
 
 Each measurement runs in a fresh process that builds the same seeded state, so what a save or a
 load adds is measured alone: peak host memory is the largest resident size sampled every 0.5 ms
@@ -72,7 +76,7 @@ def measure(fn: Callable[[], Any]) -> tuple[float, int]:
     return seconds, max(0, peak[0] - before)
 
 
-def build(config: str, overrides: list[str]) -> tuple[dict[str, Any], dict[str, Any], int]:
+def build(config: str, overrides: list[str]) -> tuple[Any, dict[str, Any], int]:
     import paddle
 
     from ernie_vilg.config import load_config
@@ -87,7 +91,7 @@ def build(config: str, overrides: list[str]) -> tuple[dict[str, Any], dict[str, 
     loss.backward()
     opt.step()
     largest = max(int(p.numel()) * p.element_size() for p in model.parameters())
-    return model.state_dict(), optimizer_state_to_structured(opt.state_dict(), model), largest
+    return model, optimizer_state_to_structured(opt.state_dict(), model), largest
 
 
 def child(args: argparse.Namespace) -> None:
@@ -95,11 +99,12 @@ def child(args: argparse.Namespace) -> None:
     import paddle
 
     from ernie_vilg.checkpoint_io import (
-        OPTIMIZER_PREFIX, WEIGHTS_PREFIX, read_sharded, state_bytes, write_index, write_partition,
+        OPTIMIZER_PREFIX, WEIGHTS_PREFIX, load_weights_into, read_sharded, state_bytes, write_index, write_partition,
     )
     from ernie_vilg.safe_pickle import safe_load
 
-    model, opt, largest = build(*MODELS[args.model])
+    layer, opt, largest = build(*MODELS[args.model])
+    model = layer.state_dict()
     folder = Path(args.folder)
     if args.op == "save" and args.layout == "pickle":  # the committing rank writes everything
         fn = (lambda: (paddle.save(model, str(folder / "model.pdparams")),
@@ -108,10 +113,11 @@ def child(args: argparse.Namespace) -> None:
         def fn() -> None:
             write_partition(folder, WEIGHTS_PREFIX, model, args.rank, args.world)
             write_partition(folder, OPTIMIZER_PREFIX, opt, args.rank, args.world)
-    elif args.layout == "pickle":
-        fn = lambda: (safe_load(folder / "model.pdparams"), safe_load(folder / "optimizer.pdopt"))  # noqa: E731
+    elif args.layout == "pickle":  # weights into the model, optimizer state as a dict (what resume does)
+        fn = lambda: (layer.set_state_dict(safe_load(folder / "model.pdparams")),  # noqa: E731
+                      safe_load(folder / "optimizer.pdopt"))
     else:
-        fn = lambda: (read_sharded(folder, WEIGHTS_PREFIX), read_sharded(folder, OPTIMIZER_PREFIX))  # noqa: E731
+        fn = lambda: (load_weights_into(layer, folder), read_sharded(folder, OPTIMIZER_PREFIX))  # noqa: E731
     seconds, peak = measure(fn)
     if args.op == "save" and args.layout == "sharded" and args.rank == args.world - 1:
         write_index(folder, WEIGHTS_PREFIX)  # after the measurement: the committing rank's step

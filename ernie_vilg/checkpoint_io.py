@@ -640,6 +640,12 @@ def set_model_state(model: paddle.nn.Layer, state: dict[str, Any], ckpt: Path) -
     Only the model's `optional_state_keys` may be missing (an older checkpoint): they keep their
     initial value and a warning names them."""
     own = model.state_dict()
+    _check_state_keys(model, own, state, ckpt)
+    model.set_state_dict(cast_to_model_dtypes(state, own))
+
+
+def _check_state_keys(model: paddle.nn.Layer, own: dict[str, Any], state: dict[str, Any], ckpt: Path) -> None:
+    """The strict name and shape checks of `set_model_state` (values need only a `.shape`)."""
     tolerated = sorted((set(own) - set(state)) & optional_state_keys(model))
     if tolerated:
         logging.getLogger(__name__).warning(
@@ -659,7 +665,52 @@ def set_model_state(model: paddle.nn.Layer, state: dict[str, Any], ckpt: Path) -
                 f"{ckpt}: {key} has shape {list(value.shape)} in the checkpoint but "
                 f"{list(own[key].shape)} in the model (checkpoint from a different config?)"
             )
-    model.set_state_dict(cast_to_model_dtypes(state, own))
+
+
+def load_weights_into(model: paddle.nn.Layer, ckpt: Path) -> None:
+    """`set_model_state(model, load_model_state(ckpt), ckpt)` with the same strict checks, but in
+    the sharded layout each tensor is read, cast and copied into the model one at a time, so
+    loading holds one tensor in host memory beyond the model (names and shapes are checked from
+    the shards' headers before any data is read)."""
+    from ernie_vilg.safetensors_file import SafetensorsError, SafetensorsReader
+
+    if not (ckpt / index_name(WEIGHTS_PREFIX)).is_file():
+        set_model_state(model, load_model_state(ckpt), ckpt)
+        return
+    try:
+        index = json.loads((ckpt / index_name(WEIGHTS_PREFIX)).read_text(encoding="utf-8"))["weight_map"]
+        files = sorted(set(index.values()))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise CheckpointError(f"{ckpt / index_name(WEIGHTS_PREFIX)}: unreadable index ({exc})") from None
+    readers: dict[str, Any] = {}
+    try:
+        for name in files:
+            readers[name] = SafetensorsReader(ckpt / name)
+    except SafetensorsError as exc:  # its message names the shard file
+        for reader in readers.values():
+            reader.close()
+        raise CheckpointError(str(exc)) from None
+    try:
+        shapes = {key: readers[index[key]].shape(key) for key in index}
+
+        own = model.state_dict()
+        _check_state_keys(model, own, {k: _Shape(v) for k, v in shapes.items()}, ckpt)
+        for key in index:
+            value = cast_to_model_dtypes({key: readers[index[key]].get(key)}, own)[key]
+            own[key].set_value(value)
+            del value
+    except (SafetensorsError, KeyError) as exc:
+        raise CheckpointError(f"{ckpt}: cannot load ({exc})") from None
+    finally:
+        for reader in readers.values():
+            reader.close()
+
+
+class _Shape:
+    """Stands for a tensor in the strict checks when only its shape is known."""
+
+    def __init__(self, shape: list[int]) -> None:
+        self.shape = shape
 
 
 def cast_to_model_dtypes(state: dict[str, Any], own: dict[str, Any]) -> dict[str, Any]:

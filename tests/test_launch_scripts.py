@@ -137,5 +137,5 @@ def test_multi_node_script_as_two_nodes_on_one_host(tmp_path):
         assert "world 2 = dp 1 x sharding 2 on cpu" in stdout
     ckpt = out / "checkpoints" / "step-00000002"
     assert (ckpt / "meta.json").is_file()
-    assert len(list(ckpt.glob("optimizer.shard-*-of-02.pdopt"))) == 2
+    assert len(list(ckpt.glob("optimizer-*-of-00002.safetensors"))) == 2
     assert (tmp_path / "logs0" / "workerlog.0").is_file() and (tmp_path / "logs1" / "workerlog.0").is_file()

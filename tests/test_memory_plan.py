@@ -9,7 +9,7 @@ import pytest
 
 from ernie_vilg.config import load_config
 from ernie_vilg.training.memory_plan import (
-    GB, ModelShape, Setting, activation_bytes, plan, refusal, report, shape_from_config,
+    ModelShape, Setting, activation_bytes, plan, refusal, report, shape_from_config,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -165,3 +165,25 @@ def test_chunked_loss_shrinks_the_planned_logits():
     # the config's Train.loss_chunk_tokens reaches the plan (tools/plan_memory.py)
     cfg = load_config(REPO / "configs" / "vilg" / "ernie_vilg_10b.yaml", ["Train.loss_chunk_tokens=256"])
     assert plan(shape_from_config(cfg), setting, 8).gpu["logits"] == chunked
+
+
+def test_checkpoint_host_memory_is_the_largest_tensor_unless_stage3_gathers():
+    """The plan's save / load host memory (checkpoint_io's sharded layout): one tensor at a time,
+    the largest being the model's widest fp32 tensor; stage 3 gathers the full weights first."""
+    import dataclasses
+
+    from ernie_vilg.models.transformer import ErnieViLG
+    from ernie_vilg.training.memory_plan import Setting, checkpoint_host_bytes, shape_from_config
+
+    cfg = load_config(REPO / "configs/vilg/tiny.yaml", [
+        "Model.text_vocab_size=40", "Model.image_vocab_size=512", "Model.image_grid=4", "Model.ffn_act=geglu"])
+    shape = shape_from_config(cfg)
+    largest = max(int(v.numel()) * 4 for v in ErnieViLG(cfg.Model).state_dict().values())  # fp32 copies
+    base = Setting(sharding_stage=1, offload=False, recompute="none", micro_batch=1, amp_dtype="float32")
+    one = checkpoint_host_bytes(shape, base, 1)
+    assert one["save"] == largest
+    assert one["load"] == largest + 8.0 * shape.num_params  # AdamW's m and v, all of them
+    sharded = checkpoint_host_bytes(shape, base, 4)
+    assert sharded["save"] == largest and sharded["load"] == largest + 8.0 * shape.num_params / 4
+    s3 = checkpoint_host_bytes(shape, dataclasses.replace(base, sharding_stage=3), 4)
+    assert s3["save"] == largest + 4.0 * shape.num_params  # the gathered fp32 weights

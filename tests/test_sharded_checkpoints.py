@@ -3,7 +3,6 @@ index, the name partition over ranks, nested optimizer states, and the older lay
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import paddle
@@ -165,3 +164,25 @@ def test_merge_writes_one_shard_and_keeps_the_optimizer(tmp_path) -> None:
     assert sorted(p.name for p in out.glob("*.safetensors")) == [shard_name("model", 0, 1), shard_name("optimizer", 0, 1)]
     assert same(load_model_state(out), state)
     assert sorted(load_optimizer_state(out)) == ["b_moment1_0", "w_moment1_0"]
+
+
+def test_weights_stream_into_the_model_with_the_strict_checks(tmp_path) -> None:
+    from ernie_vilg.checkpoint_io import load_weights_into, save_weights
+
+    paddle.seed(1)
+    source = paddle.nn.Sequential(paddle.nn.Linear(4, 3), paddle.nn.LayerNorm(3))
+    save_weights(tmp_path, {k: v.astype("float16") if k.endswith("weight") else v
+                            for k, v in source.state_dict().items()})  # half weights: cast on load
+    paddle.seed(2)
+    target = paddle.nn.Sequential(paddle.nn.Linear(4, 3), paddle.nn.LayerNorm(3))
+    load_weights_into(target, tmp_path)
+    for key, value in source.state_dict().items():
+        got = target.state_dict()[key]
+        assert got.dtype == paddle.float32
+        np.testing.assert_allclose(got.numpy(), value.numpy(), atol=1e-3 if key.endswith("weight") else 0)
+    # another shape: refused naming the key, before any weight is copied
+    other = paddle.nn.Sequential(paddle.nn.Linear(4, 5), paddle.nn.LayerNorm(5))
+    before = {k: v.numpy().copy() for k, v in other.state_dict().items()}
+    with pytest.raises(CheckpointError, match=r"0\.weight has shape \[4, 3\] in the checkpoint"):
+        load_weights_into(other, tmp_path)
+    assert all(np.array_equal(before[k], v.numpy()) for k, v in other.state_dict().items())

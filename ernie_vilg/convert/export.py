@@ -49,11 +49,11 @@ def _save(graph: Any, prefix: Path) -> dict[str, Any]:
 
 
 def _load_weights(ckpt: Path, cfg: Config) -> paddle.nn.Layer:
-    from ernie_vilg.checkpoint_io import load_model_state, set_model_state
+    from ernie_vilg.checkpoint_io import load_weights_into
     from ernie_vilg.stages import build_bare_model
 
     model = build_bare_model(cfg, ckpt)
-    set_model_state(model, load_model_state(ckpt), ckpt)
+    load_weights_into(model, ckpt)
     model.eval()
     return model
 

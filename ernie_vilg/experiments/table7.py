@@ -108,12 +108,12 @@ def run_ablation(shapes_dir: str | Path, tokenizer_ckpt: str | Path, out: str | 
     two_stage, e2e = runs["two_stage"]["module"], runs["end_to_end"]["module"]
     g2, ge = runs["two_stage"]["result"], runs["end_to_end"]["result"]
     # the trained weights are the Trainer's final state; rebuild and load to get eval-mode models
-    from ernie_vilg.checkpoint_io import load_model_state, set_model_state
+    from ernie_vilg.checkpoint_io import load_weights_into
 
     model_2s, model_e2e = two_stage.build_model(), e2e.build_model()
     for model, res in ((model_2s, g2), (model_e2e, ge)):
         ckpt = Path(res["checkpoint"])
-        set_model_state(model, load_model_state(ckpt), ckpt)
+        load_weights_into(model, ckpt)
         model.eval()
     tokenizer = load_tokenizer(tokenizer_ckpt)
 

@@ -79,13 +79,15 @@ def bundle_from_checkpoint(ckpt: str | Path, build_model: ModelBuilder, need_ima
         IMAGE_TOKENIZER_DIR, is_pretrained_dir, load_pretrained_config, load_pretrained_weights,
     )
     from ernie_vilg.text.tokenizer import TextTokenizer
-    from ernie_vilg.checkpoint_io import CheckpointError, load_checkpoint_config, load_model_state, set_model_state
+    from ernie_vilg.checkpoint_io import CheckpointError, load_checkpoint_config, load_weights_into, set_model_state
 
     if is_pretrained_dir(ckpt):
         ckpt_dir, cfg = Path(ckpt), load_pretrained_config(ckpt)
         tok_dir: Optional[Path] = ckpt_dir / IMAGE_TOKENIZER_DIR
         tok_dir = tok_dir if has_weights(tok_dir) else None
-        load_state = load_pretrained_weights
+
+        def load_weights(model: Any, folder: Path) -> None:
+            set_model_state(model, load_pretrained_weights(folder), folder)
     else:
         ckpt_dir, cfg = load_checkpoint_config(ckpt)
         if cfg.Global.stage in NOT_VILG_STAGES:
@@ -93,7 +95,7 @@ def bundle_from_checkpoint(ckpt: str | Path, build_model: ModelBuilder, need_ima
                                   f"{cfg.Global.stage}), not an ERNIE-ViLG one: pass the vilg run folder "
                                   "(e.g. runs/quickstart/vilg)")
         tok_dir = _tokenizer_dir(ckpt_dir, cfg)
-        load_state = load_model_state
+        load_weights = load_weights_into  # one tensor at a time (sharded layout)
     vocab = ckpt_dir / "vocab.txt"
     text_tokenizer = TextTokenizer(vocab if vocab.is_file() else cfg.Data.vocab_file)
     image_tokenizer = None
@@ -112,7 +114,7 @@ def bundle_from_checkpoint(ckpt: str | Path, build_model: ModelBuilder, need_ima
     if image_tokenizer is not None:
         _match_image_size(cfg, image_tokenizer)
     model = build_model(cfg, ckpt_dir)
-    set_model_state(model, load_state(ckpt_dir), ckpt_dir)
+    load_weights(model, ckpt_dir)
     model.eval()
     decoder = "e2e" if hasattr(model, "reconstruct_from_ids") else "tokenizer"
     return VilgBundle(cfg, model, text_tokenizer, image_tokenizer, ckpt_dir, tok_dir, decoder)

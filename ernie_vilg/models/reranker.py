@@ -210,7 +210,7 @@ def rank_candidates(reranker: Reranker, images: Any, text: str) -> tuple[np.ndar
 def load_reranker(ckpt: str | Path) -> Reranker:
     """Rebuild a trained reranker from a checkpoint folder (or its run folder) alone."""
     from ernie_vilg.text.tokenizer import TextTokenizer
-    from ernie_vilg.checkpoint_io import CheckpointError, load_checkpoint_config, load_model_state, set_model_state
+    from ernie_vilg.checkpoint_io import CheckpointError, load_checkpoint_config, load_weights_into
 
     ckpt_dir, cfg = load_checkpoint_config(ckpt)
     info_path = ckpt_dir / RERANKER_INFO_FILE
@@ -219,7 +219,7 @@ def load_reranker(ckpt: str | Path) -> Reranker:
     info = json.loads(info_path.read_text(encoding="utf-8"))
     tokenizer = TextTokenizer(ckpt_dir / VOCAB_FILE)
     model = build_dual_encoder(cfg.Reranker, tokenizer.vocab_size, info["max_text_len"], tokenizer.pad_id)
-    set_model_state(model, load_model_state(ckpt_dir), ckpt_dir)
+    load_weights_into(model, ckpt_dir)
     return Reranker(model, tokenizer, info["image_size"], info["max_text_len"])
 
 

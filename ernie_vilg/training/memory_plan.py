@@ -286,6 +286,25 @@ def plan(shape: ModelShape, setting: Setting, sharding_degree: int, dp_degree: i
     return p
 
 
+def checkpoint_host_bytes(shape: ModelShape, setting: Setting, sharding_degree: int) -> dict[str, float]:
+    """Host memory one GPU's process adds while saving / loading a checkpoint (checkpoint_io's
+    sharded layout, docs/benchmarks.md "Checkpoint save and load"):
+
+    - save: each tensor is copied to the host, written and dropped: the largest tensor; under
+      stage 3 the full weights are gathered first, on every rank;
+    - load: the weights stream into the model one tensor at a time (the largest tensor); the
+      optimizer states this rank owns are read whole, then handed to the optimizer (its share:
+      all of them without sharding)."""
+    psi, n = float(shape.num_params), max(1, sharding_degree)
+    low = setting.amp_dtype != "float32" and setting.amp_level == "O2"
+    w = 2.0 if low else 4.0
+    largest = float(max(shape.hidden * max(shape.max_vocab, shape.ffn_in or shape.ffn_mult * shape.hidden),
+                        4 * shape.hidden * shape.hidden)) * 4.0  # fp32 moments are the widest copies
+    gathered = w * psi if setting.sharding_stage == 3 else 0.0
+    own_states = (8.0 + (4.0 if low else 0.0)) * psi / (n if setting.sharding_stage >= 1 and n > 1 else 1)
+    return {"save": gathered + largest, "load": largest + own_states}
+
+
 def refusal(setting: Setting, sharding_degree: int, dp_degree: int) -> str:
     """Why Paddle refuses this setting ('' if it does not); see distributed.validate."""
     if setting.sharding_stage > 1 and sharding_degree < 2:
@@ -387,11 +406,15 @@ def report(cfg: Config, nodes: int, gpus_per_node: int, gpu_mem_gb: float, cpu_m
     chosen = plan(shape, base, sharding, dp, gpu_mem_gb)
     refused = refusal(base, sharding, dp)
     ok = chosen.fits and not refused
-    cpu_ok = not cpu_mem_gb or chosen.cpu_total * gpus_per_node <= HEADROOM * cpu_mem_gb * GB
+    ckpt = checkpoint_host_bytes(shape, base, sharding)
+    host_peak = chosen.cpu_total + max(ckpt.values())  # training state + the larger of save / load
+    cpu_ok = not cpu_mem_gb or host_peak * gpus_per_node <= HEADROOM * cpu_mem_gb * GB
     lines += ["", f"the config's setting ({base.label()}) needs {chosen.gpu_total / GB:.1f} GB per GPU "
               f"(+ {chosen.cpu_total / GB:.1f} GB host memory per GPU, {chosen.cpu_total * gpus_per_node / GB:.0f} GB "
               f"per node): {'FITS' if ok and cpu_ok else 'DOES NOT FIT'} in {HEADROOM:.0%} of {gpu_mem_gb:g} GB"
-              f"{'' if cpu_ok else ' (host memory too small)'}{f' (REFUSED by Paddle: {refused})' if refused else ''}"]
+              f"{'' if cpu_ok else ' (host memory too small)'}{f' (REFUSED by Paddle: {refused})' if refused else ''}",
+              f"checkpoints add host memory per GPU: save {ckpt['save'] / GB:.2f} GB, load {ckpt['load'] / GB:.2f} GB "
+              f"({max(ckpt.values()) * gpus_per_node / GB:.0f} GB per node at the larger)"]
     fits = fitting_settings(shape, base, sorted({sharding, min(gpus_per_node, world)}), world, gpu_mem_gb)
     if fits:
         lines.append("settings that fit (fastest first):")

@@ -34,6 +34,7 @@ from tqdm import tqdm
 from ernie_vilg.config import Config, ConfigError
 from ernie_vilg.training import amp
 from ernie_vilg.checkpoint_io import (
+    load_weights_into,
     OPTIMIZER_PREFIX,
     WEIGHTS_PREFIX,
     CheckpointError,
@@ -41,7 +42,6 @@ from ernie_vilg.checkpoint_io import (
     flatten_state,
     commit_checkpoint,
     latest_checkpoint,
-    load_model_state,
     load_optimizer_state,
     optimizer_shard_name,
     rank_state_name,
@@ -49,7 +49,6 @@ from ernie_vilg.checkpoint_io import (
     recover_interrupted,
     save_checkpoint,
     save_file,
-    set_model_state,
     state_bytes,
     write_partition,
     write_shard,
@@ -210,7 +209,7 @@ class Trainer:
         # weights load before wrapping: stage 3 slices parameters when it wraps
         pending = latest_checkpoint(self.ckpt_root) if cfg.Train.resume else None
         if pending is not None:
-            set_model_state(self.inner, load_model_state(pending), pending)
+            load_weights_into(self.inner, pending)
         self._wrap()
         if pending is not None:
             self._load_training_state(pending)
@@ -394,7 +393,7 @@ class Trainer:
         if self.parallel.topo.sharding_stage == 3 and self.parallel.topo.sharded:
             raise CheckpointError(f"{ckpt}: under sharding stage 3 weights must load before wrapping; "
                                   "construct the Trainer with Train.resume=true instead of calling resume()")
-        set_model_state(self.inner, load_model_state(ckpt), ckpt)
+        load_weights_into(self.inner, ckpt)
         self._load_training_state(ckpt)
         return True
 

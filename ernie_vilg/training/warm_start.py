@@ -16,12 +16,12 @@ import numpy as np
 import paddle
 
 from ernie_vilg.checkpoint_io import (
+    load_weights_into,
     CheckpointError,
     load_checkpoint_config,
     load_model_state,
     optional_state_keys,
-    set_model_state,
-)
+    )
 from ernie_vilg.config import ConfigError
 
 log = logging.getLogger(__name__)
@@ -32,7 +32,7 @@ def load_weights(model: paddle.nn.Layer, ckpt: str | Path, where: str) -> Path:
     key that points at it) when the checkpoint does not fit. Returns the checkpoint folder."""
     try:
         ckpt_dir, _ = load_checkpoint_config(ckpt)
-        set_model_state(model, load_model_state(ckpt_dir), ckpt_dir)
+        load_weights_into(model, ckpt_dir)
     except CheckpointError as exc:
         raise ConfigError(f"{where}={ckpt}: {exc}") from None
     return ckpt_dir

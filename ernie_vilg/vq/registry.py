@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
-from ernie_vilg.checkpoint_io import load_checkpoint_config, load_model_state, set_model_state
+from ernie_vilg.checkpoint_io import load_checkpoint_config, load_weights_into
 from ernie_vilg.config import ConfigError, VQConfig
 from ernie_vilg.vq.base import ImageTokenizer
 from ernie_vilg.vq.dvae import build_dvae
@@ -37,5 +37,5 @@ def load_tokenizer(ckpt_dir: str | Path) -> ImageTokenizer:
     """
     ckpt, cfg = load_checkpoint_config(ckpt_dir)
     tokenizer = build_tokenizer(cfg.VQ)
-    set_model_state(tokenizer, load_model_state(ckpt), ckpt)
+    load_weights_into(tokenizer, ckpt)
     return tokenizer.freeze()
