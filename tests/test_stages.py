@@ -232,3 +232,19 @@ def test_reranker_stage(world, tmp_path) -> None:
 def test_every_registered_stage_has_a_test_here() -> None:
     tested = {"vq", "vqgan", "dvae", "vilg", "vilg_e2e", "caption_finetune", "vqa", "reranker"}
     assert set(STAGES) == tested
+
+
+def test_the_end_to_end_stage_trains_the_null_conditions_of_guidance(world, tmp_path) -> None:
+    """Train.cond_drop reaches the end-to-end generator as it reaches the two-stage one: with
+    every condition dropped, the image-to-text stream reads the null image (its embedding gets a
+    gradient), so guided sampling uses conditions the generator was trained on."""
+    from ernie_vilg.training.module import StepContext
+
+    cfg = load_config(REPO / "configs/vilg/shapes_e2e.yaml", COMMON + TINY_VILG + vilg_data(world) + [
+        f"Global.output_dir={tmp_path / 'run'}", f"Data.tokenizer_ckpt={world['vq']}", "Train.cond_drop=1.0"])
+    module = prepare(cfg)
+    model = module.build_model()
+    batch = next(iter(module.train_batches(0, 1)))
+    loss, _ = module.training_step(StepContext(model, model, 0), batch)
+    loss.backward()
+    assert float(model.null_img_emb.grad.abs().sum()) > 0

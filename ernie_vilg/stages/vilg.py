@@ -158,14 +158,19 @@ class VilgTrainModule(TrainModule):
         return bidirectional_loss(model, self.criterion, text_ids, image_ids, batch.get(T2I_TEXT_KEY),
                                   batch.get(I2T_IMAGE_KEY))
 
+    def with_null_conditions(self, ctx: StepContext, batch: dict[str, paddle.Tensor]) -> dict[str, paddle.Tensor]:
+        """The batch with each stream's partly nulled condition for classifier-free guidance
+        (`Train.cond_drop` > 0; models/guidance.py), or the batch as it is."""
+        if self.cfg.Train.cond_drop <= 0:
+            return batch
+        if self._cond_dropper is None:
+            tok = self.text_tokenizer
+            self._cond_dropper = ConditionDropper(self.cfg.Train.cond_drop, self.cfg.Global.seed, tok.cls_id,
+                                                  tok.sep_id, tok.pad_id, ctx.rank)
+        return self._cond_dropper(batch, ctx.step)
+
     def training_step(self, ctx: StepContext, batch: dict[str, paddle.Tensor]) -> tuple[paddle.Tensor, dict[str, float]]:
-        if self.cfg.Train.cond_drop > 0:  # null conditions for classifier-free guidance
-            if self._cond_dropper is None:
-                tok = self.text_tokenizer
-                self._cond_dropper = ConditionDropper(self.cfg.Train.cond_drop, self.cfg.Global.seed, tok.cls_id,
-                                                      tok.sep_id, tok.pad_id, ctx.rank)
-            batch = self._cond_dropper(batch, ctx.step)
-        loss = self.losses(ctx, batch)
+        loss = self.losses(ctx, self.with_null_conditions(ctx, batch))
         return loss.total, {"loss_txt2img": float(loss.txt2img), "loss_img2txt": float(loss.img2txt)}
 
     def validate(self, model: ErnieViLG, step: int) -> dict[str, float]:

@@ -25,6 +25,7 @@ from ernie_vilg.checkpoint_io import load_checkpoint_config
 from ernie_vilg.config import Config, ConfigError
 from ernie_vilg.data.pair_batches import E2EBatches
 from ernie_vilg.models.e2e import ErnieViLGE2E
+from ernie_vilg.models.guidance import I2T_IMAGE_KEY, T2I_TEXT_KEY
 from ernie_vilg.models.sparse_masks import Direction
 from ernie_vilg.stages.spec import ExportGraph
 from ernie_vilg.stages.vilg import VilgTrainModule, export_logits
@@ -102,10 +103,12 @@ class E2ETrainModule(VilgTrainModule):
 
     def training_step(self, ctx: StepContext, batch: dict[str, paddle.Tensor]) -> tuple[paddle.Tensor, dict[str, float]]:
         model: ErnieViLGE2E = ctx.model
+        batch = self.with_null_conditions(ctx, batch)  # guidance training, as the two-stage generator
         text_ids, image_ids = batch["text_ids"], batch["image_ids"]
-        # one teacher-forced pass gives both the generation logits and the hidden states
-        image_logits, h_img = model.txt2img_with_hidden(text_ids, image_ids)
-        text_logits = ctx(text_ids, image_ids, Direction.IMG2TXT)
+        # one teacher-forced pass gives both the generation logits and the hidden states; each
+        # stream reads its (possibly nulled) condition, the targets stay the real image and text
+        image_logits, h_img = model.txt2img_with_hidden(batch.get(T2I_TEXT_KEY, text_ids), image_ids)
+        text_logits = ctx(text_ids, batch.get(I2T_IMAGE_KEY, image_ids), Direction.IMG2TXT)
         nll = self.criterion(image_logits, image_ids, text_logits, text_ids)
         rec = model.reconstruction_loss(model.e2e(h_img), batch["images"])
         w = self.cfg.E2E
