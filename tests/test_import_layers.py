@@ -126,3 +126,13 @@ def test_the_contract_catches_a_floor_violation_and_a_cycle() -> None:
     modules = all_modules()
     edges = imports_of(PACKAGE / "stages" / "__init__.py", modules)
     assert any(t == "ernie_vilg.training.distributed" for _, t in edges)  # imported inside `prepare`
+
+
+def test_every_test_file_is_placed_in_the_tests_readme() -> None:
+    """tests/README.md maps test files to the package's rooms; a new test file must be placed."""
+    import re
+
+    tests = Path(__file__).resolve().parent
+    listed = set(re.findall(r"`(test_\w+\.py)`", (tests / "README.md").read_text(encoding="utf-8")))
+    actual = {p.name for p in tests.glob("test_*.py")}
+    assert sorted(actual - listed) == [] and sorted(listed - actual) == []
