@@ -6,7 +6,10 @@ One test per stage; they share one tiny shapes world (32 px) and the checkpoints
 """
 from __future__ import annotations
 
+import importlib.util
+import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import paddle
@@ -14,7 +17,6 @@ import pytest
 
 from ernie_vilg.checkpoint_io import load_checkpoint_config, load_model_state
 from ernie_vilg.config import load_config
-from ernie_vilg.convert.safetensors_io import checkpoint_from_safetensors, checkpoint_to_safetensors
 from ernie_vilg.stages import STAGES, build_bare_model, prepare
 from ernie_vilg.training.trainer import Trainer
 
@@ -68,12 +70,23 @@ def vilg_ckpt(world) -> Path:
     return train("configs/vilg/tiny.yaml", world["root"] / "vilg", TINY_VILG + vilg_data(world))
 
 
+def tool(name: str) -> Any:
+    """tools/<name>.py as a module, to call its main() in this process."""
+    spec = importlib.util.spec_from_file_location(f"tool_{name}", REPO / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def check_roundtrip_and_export(ckpt: Path, tmp: Path, stage: str) -> None:
-    """safetensors out and back bit for bit (through the registry's bare model), then export."""
+    """safetensors out and back bit for bit through tools/convert_checkpoint.py (the registry's
+    bare model checks the names and shapes), then tools/export.py."""
     _, cfg = load_checkpoint_config(ckpt)
     assert cfg.Global.stage == stage
-    folder = checkpoint_to_safetensors(ckpt, tmp / "st")
-    back = checkpoint_from_safetensors(folder, tmp / "back")
+    convert = tool("convert_checkpoint")
+    assert convert.main(["to-safetensors", "--ckpt", str(ckpt), "--out", str(tmp / "st")]) == 0
+    assert convert.main(["from-safetensors", "--in", str(tmp / "st"), "--out", str(tmp / "back")]) == 0
+    back = tmp / "back"
     a, b = load_model_state(ckpt), load_model_state(back)
     assert sorted(a) == sorted(b)
     for key in a:
@@ -81,11 +94,12 @@ def check_roundtrip_and_export(ckpt: Path, tmp: Path, stage: str) -> None:
     spec = STAGES[stage]
     if spec.export is None:
         assert spec.no_export_reason
+        assert tool("export").main(["--ckpt", str(ckpt), "--out", str(tmp / "export")]) == 2  # says why
         return
-    from ernie_vilg.convert.export import export_checkpoint
     from ernie_vilg.stages import export_graphs
 
-    info = export_checkpoint(ckpt, tmp / "export")
+    assert tool("export").main(["--ckpt", str(ckpt), "--out", str(tmp / "export")]) == 0
+    info = json.loads((tmp / "export" / "export.json").read_text(encoding="utf-8"))
     names = [g["name"] for g in info["graphs"]]
     model = build_bare_model(cfg, ckpt)
     from ernie_vilg.checkpoint_io import set_model_state
