@@ -23,6 +23,7 @@ import paddle
 from ernie_vilg.config import Config, ConfigError
 from ernie_vilg.data.images import load_image
 from ernie_vilg.models.e2e import ErnieViLGE2E, load_image_tokenizer
+from ernie_vilg.models.guidance import I2T_IMAGE_KEY, T2I_TEXT_KEY, ConditionDropper
 from ernie_vilg.models.module import ShardBatches, VilgTrainModule
 from ernie_vilg.models.sparse_masks import Direction
 
@@ -75,10 +76,17 @@ class E2ETrainModule(VilgTrainModule):
     def training_step(self, model: ErnieViLGE2E, batch: dict[str, paddle.Tensor], step: int
                       ) -> tuple[paddle.Tensor, dict[str, float]]:
         inner: ErnieViLGE2E = getattr(model, "_layers", model)
+        if self.cfg.Train.cond_drop > 0:  # null conditions for classifier-free guidance, as VilgTrainModule
+            if getattr(self, "_cond_dropper", None) is None:
+                tok = self.text_tokenizer
+                self._cond_dropper = ConditionDropper(self.cfg.Train.cond_drop, self.cfg.Global.seed, tok.cls_id,
+                                                      tok.sep_id, tok.pad_id, paddle.distributed.get_rank())
+            batch = self._cond_dropper(batch, step)
         text_ids, image_ids = batch["text_ids"], batch["image_ids"]
-        # one teacher-forced pass gives both the generation logits and the hidden states
-        image_logits, h_img = inner.txt2img_with_hidden(text_ids, image_ids)
-        text_logits = model(text_ids, image_ids, Direction.IMG2TXT)
+        # one teacher-forced pass gives both the generation logits and the hidden states; each
+        # stream reads its (possibly nulled) condition, the targets stay the real image and text
+        image_logits, h_img = inner.txt2img_with_hidden(batch.get(T2I_TEXT_KEY, text_ids), image_ids)
+        text_logits = model(text_ids, batch.get(I2T_IMAGE_KEY, image_ids), Direction.IMG2TXT)
         nll = self.criterion(image_logits, image_ids, text_logits, text_ids)
         rec = inner.reconstruction_loss(inner.e2e(h_img), batch["images"])
         w = self.cfg.E2E
