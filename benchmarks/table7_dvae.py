@@ -302,40 +302,62 @@ def _num_records(args: argparse.Namespace, shared: Path) -> int:
     return min(args.num_eval, int(info["count"]))
 
 
-def _evaluate_seed(args: argparse.Namespace, paths: dict[str, Path], shared: Path, locks: Path,
-                   seed: int) -> None:
+def _gen_seed(args: argparse.Namespace, paths: dict[str, Path], seed: int) -> None:
+    """One sample per test caption from each generator, same sampling seeds: sdir/eval/ids_*.npy."""
     import paddle
 
+    from ernie_vilg.runtime import configure_threads
+
+    configure_threads(args.threads)
+    sdir = args.out / f"s{seed}"
+    records = _records(paths, args.num_eval)
+    t0 = time.time()
+    out = {}
+    for variant, stage in VARIANTS:
+        module, model = _load_model(sdir / variant, stage, args, paths, seed)
+        with paddle.no_grad():
+            out[variant] = _generate(model, module, records, 1000 * seed)
+    (sdir / "eval").mkdir(parents=True, exist_ok=True)
+    for variant, ids in out.items():
+        np.save(sdir / "eval" / f"ids_{variant}.npy", ids)
+    (sdir / "eval" / "gen.json").write_text(json.dumps({"seconds": time.time() - t0, "num": len(records)}),
+                                            encoding="utf-8")
+
+
+def _row_seed(args: argparse.Namespace, paths: dict[str, Path], shared: Path, seed: int, row: int) -> None:
+    """Rows 1, 2, 3, 5 of one seed: images, judge, FID -> sdir/eval/row<i>.json."""
     from ernie_vilg.models.e2e import load_image_tokenizer
     from ernie_vilg.runtime import configure_threads
 
     configure_threads(args.threads)
     sdir = args.out / f"s{seed}"
     records = _records(paths, args.num_eval)
-    stats = _real_stats(args, paths, shared, locks, records)
-    row4 = _gold_two_stage(args, paths, shared, locks, records, stats)
+    stats = shared / f"real_stats_{len(records)}.npz"
     t0 = time.time()
-    tokenizer = load_image_tokenizer(args.tokenizer)
-    mod2, model2 = _load_model(sdir / "two_stage", "vilg", args, paths, seed)
-    mode, modele = _load_model(sdir / "end_to_end", "vilg_e2e", args, paths, seed)
-    gold = np.stack([r.image_ids for r in records]).astype(np.int64)
-    sample_seed = 1000 * seed  # the same sampling seeds for both generators
-    with paddle.no_grad():
-        ids2 = _generate(model2, mod2, records, sample_seed)
-        idse = _generate(modele, mode, records, sample_seed)
-    t_gen = time.time() - t0
-    makers = [lambda: _decode(tokenizer, ids2), lambda: _decode(tokenizer, idse),
-              lambda: _e2e_reconstruct(modele, mode, records, idse), None,
-              lambda: _e2e_reconstruct(modele, mode, records, gold)]
+    if row in (1, 2):
+        ids = np.load(sdir / "eval" / f"ids_{'two_stage' if row == 1 else 'end_to_end'}.npy")
+        images = _decode(load_image_tokenizer(args.tokenizer), ids)
+    else:
+        module, model = _load_model(sdir / "end_to_end", "vilg_e2e", args, paths, seed)
+        ids = (np.load(sdir / "eval" / "ids_end_to_end.npy") if row == 3
+               else np.stack([r.image_ids for r in records]).astype(np.int64))
+        images = _e2e_reconstruct(model, module, records, ids)
+    result = _score(images, records, sdir / "eval" / f"row{row}", stats, args.fid_weights)
+    result["seconds"] = time.time() - t0
+    (sdir / "eval" / f"row{row}.json").write_text(json.dumps(result, indent=1), encoding="utf-8")
+
+
+def _finalize_seed(args: argparse.Namespace, shared: Path, seed: int) -> None:
+    sdir = args.out / f"s{seed}"
+    n = _num_records(args, shared)
     rows = []
-    for i, (name, make) in enumerate(zip(ROWS, makers)):
-        row = dict(row4) if make is None else _score(make(), records, sdir / "eval" / f"row{i + 1}", stats,
-                                                     args.fid_weights)
-        rows.append({"row": name, "paper_FID": PAPER_FID[i], **row})
-    summary = {"seed": seed, "rows": rows, "num_eval": len(records),
-               "steps": {v: _trained_step(sdir / v) for v, _ in VARIANTS},
-               "eval_seconds": time.time() - t0, "generation_seconds": t_gen,
-               "fid": f"{len(records)} generated vs {len(records)} real test images" if args.fid_weights else None,
+    for i, name in enumerate(ROWS):
+        path = shared / f"row4_{n}.json" if i == 3 else sdir / "eval" / f"row{i + 1}.json"
+        rows.append({"row": name, "paper_FID": PAPER_FID[i], **json.loads(path.read_text(encoding="utf-8"))})
+    gen = json.loads((sdir / "eval" / "gen.json").read_text(encoding="utf-8"))
+    summary = {"seed": seed, "rows": rows, "num_eval": n,
+               "steps": {v: _trained_step(sdir / v) for v, _ in VARIANTS}, "generation_seconds": gen["seconds"],
+               "fid": f"{n} generated vs {n} real test images" if args.fid_weights else None,
                "date": time.strftime("%Y-%m-%d %H:%M", time.gmtime())}
     (sdir / "table7.json").write_text(json.dumps(summary, indent=1, ensure_ascii=False), encoding="utf-8")
 
@@ -399,6 +421,61 @@ def format_markdown(summary: dict[str, Any]) -> str:
 
 # ---------------------------------------------------------------------------------------------
 
+def _item_name(kind: str, seed: int, variant: Any) -> str:
+    return {"prep": "prep", "train": f"train_s{seed}_{variant}", "gen": f"gen_s{seed}",
+            "row": f"row{variant}_s{seed}"}[kind]
+
+
+def _next_item(args: argparse.Namespace, shared: Path, locks: Path) -> tuple[Optional[tuple[str, int, Any]], bool]:
+    """The first claimable item in priority order, seed by seed: its two trainings, the shared
+    evaluation part (real statistics, row 4), its generation, its four rows. Returns (item, wait):
+    wait = an item of the current seed is blocked by one another process is running, so rather than
+    start the next seed this process waits to help with the current seed's evaluation."""
+    for seed in args.seeds:
+        sdir = args.out / f"s{seed}"
+        if (sdir / "table7.json").is_file():
+            continue
+        blocked = False
+        trained = True
+        for variant, _ in VARIANTS:
+            if _trained_step(sdir / variant) < args.steps:
+                trained = False
+                if _claim(locks, _item_name("train", seed, variant)):
+                    return ("train", seed, variant), False
+        if args.train_only:
+            continue
+        if not _prep_done(args, shared):
+            if _claim(locks, "prep"):
+                return ("prep", seed, None), False
+        if not trained:
+            blocked = True  # the other variant is training elsewhere
+        else:
+            gen_done = (sdir / "eval" / "gen.json").is_file()
+            if not gen_done:
+                if _claim(locks, _item_name("gen", seed, None)):
+                    return ("gen", seed, None), False
+                blocked = True
+            elif not _prep_done(args, shared):
+                blocked = True
+            else:
+                for row in (1, 2, 3, 5):
+                    if not (sdir / "eval" / f"row{row}.json").is_file():
+                        if _claim(locks, _item_name("row", seed, row)):
+                            return ("row", seed, row), False
+                        blocked = True
+        if blocked:
+            return None, True
+    return None, False
+
+
+def _finalize_ready(args: argparse.Namespace, shared: Path) -> None:
+    for seed in args.seeds:
+        sdir = args.out / f"s{seed}"
+        if not (sdir / "table7.json").is_file() and (sdir / "eval" / "gen.json").is_file() and \
+                _prep_done(args, shared) and all((sdir / "eval" / f"row{r}.json").is_file() for r in (1, 2, 3, 5)):
+            _finalize_seed(args, shared, seed)
+
+
 def run(args: argparse.Namespace) -> int:
     from ernie_vilg.runtime import setup_logging
 
@@ -408,50 +485,32 @@ def run(args: argparse.Namespace) -> int:
     shared, locks = args.out / "shared", args.out / "locks"
     paths = _prepare(args.data, args.tokenizer, shared, locks)
     while True:
-        # priority: seed by seed, its two trainings then its evaluation, so a seed's table lands
-        # as early as possible; an item claimed by another process is skipped
-        item, pending = None, False
-        for seed in args.seeds:
-            sdir = args.out / f"s{seed}"
-            for variant, stage in VARIANTS:
-                if _trained_step(sdir / variant) < args.steps:
-                    pending = True
-                    if item is None and _claim(locks, f"train_s{seed}_{variant}"):
-                        item = ("train", seed, variant, stage)
-            if item is None and not args.train_only and not _prep_done(args, shared) and _claim(locks, "prep"):
-                item = ("prep", seed, None, None)  # the seed-independent part of the evaluation, once
-            if args.train_only or (sdir / "table7.json").is_file():
-                continue
-            if all(_trained_step(sdir / v) >= args.steps for v, _ in VARIANTS):
-                pending = True
-                if item is None and _claim(locks, f"eval_s{seed}"):
-                    item = ("eval", seed, None, None)
-            if item is not None:
-                break
+        item, wait = _next_item(args, shared, locks)
         if item is None:
-            if pending:
-                print("==> the remaining items are claimed by another process", flush=True)
-            break
-        kind, seed, variant, stage = item
-        name = {"train": f"train_s{seed}_{variant}", "eval": f"eval_s{seed}", "prep": "prep"}[kind]
+            if not wait:
+                break
+            time.sleep(20)  # what is left waits for another process's item (a training, the generation)
+            continue
+        kind, seed, variant = item
+        name = _item_name(kind, seed, variant)
         try:
+            print(f"==> {name}", flush=True)
             if kind == "prep":
-                print("==> the real test images' FID statistics and row 4 (gold ids -> dVAE decoder)", flush=True)
                 from ernie_vilg.runtime import configure_threads
 
                 configure_threads(args.threads)
                 records = _records(paths, args.num_eval)
                 _gold_two_stage(args, paths, shared, locks, records, _real_stats(args, paths, shared, locks, records))
             elif kind == "train":
-                run_dir = args.out / f"s{seed}" / variant
-                print(f"==> training seed {seed} {variant} ({stage}) -> {run_dir}", flush=True)
-                _train(args, stage, run_dir, paths, seed)
+                _train(args, dict(VARIANTS)[variant], args.out / f"s{seed}" / variant, paths, seed)
+            elif kind == "gen":
+                _gen_seed(args, paths, seed)
             else:
-                print(f"==> evaluating seed {seed}", flush=True)
-                _evaluate_seed(args, paths, shared, locks, seed)
-                summarize(args.out)
+                _row_seed(args, paths, shared, seed, int(variant))
         finally:
             _release(locks, name)
+        _finalize_ready(args, shared)
+        summarize(args.out)
     summary = summarize(args.out)
     if summary["rows"]:
         print(format_markdown(summary))
