@@ -1,0 +1,558 @@
+"""Table 7 of the paper (two-stage vs end-to-end text-to-image) at shapes scale, with a dVAE,
+over several seeds, resumable across sessions.
+
+    # the reconstruction ceiling of a tokenizer (gold test images -> ids -> decoder, judged)
+    python benchmarks/table7_dvae.py tokenizer --ckpt CKPT --data DIR [--num 1000]
+    # train both variants for every seed, evaluate each seed, write OUT/summary.{json,md}
+    python benchmarks/table7_dvae.py run --data DIR --tokenizer CKPT --out OUT --seeds 0 1 2 \
+        --steps 3400 --num-eval 1000 --fid-weights W [-o Section.key=value ...]
+    # only the mean / spread table of what has finished
+    python benchmarks/table7_dvae.py summary --out OUT
+
+`run` is a work list of (seed, variant) trainings and per-seed evaluations. Each item is claimed
+with a lock file (OUT/locks/, holding the claimer's pid; a lock of a dead process is taken over),
+so two `run` processes with the same arguments share the list, and a stopped `run` continues
+where it stopped: trainings resume from their newest checkpoint (Train.save_every), finished
+items are skipped (a training is finished when its newest checkpoint reached --steps; a seed's
+evaluation when OUT/s<seed>/table7.json exists).
+
+The five rows (paper sec. 3.1.3 / 5, Table 7):
+    1  two-stage G + two-stage R      sampled ids of the two-stage generator -> the dVAE decoder
+    2  end-to-end G + two-stage R     sampled ids of the end-to-end generator -> the dVAE decoder
+    3  end-to-end G + end-to-end R    sampled ids of the end-to-end generator -> its reconstructor
+    4  gold sequence + two-stage R    the test images' own ids -> the dVAE decoder
+    5  gold sequence + end-to-end R   the test images' own ids -> the end-to-end reconstructor
+Both generators sample with the recipe's Generation settings (top-k, classifier-free guidance
+scale), one sample per test caption, with the same sampling seeds. Row 4 does not depend on the
+seed (the dVAE is shared), so it is computed once. FID: every row's images against the same
+real test images (Inception of metrics/fid.py); the judge: ernie_vilg/data/shapes_judge.py
+against each image's caption.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+
+ROWS = ("two-stage G + two-stage R", "end-to-end G + two-stage R", "end-to-end G + end-to-end R",
+        "gold sequence + two-stage R", "gold sequence + end-to-end R")
+PAPER_FID = (41.4, 40.5, 39.9, 21.7, 18.6)  # Table 7, the 300M lite model with a dVAE, MS-COCO val zero-shot
+VARIANTS = (("two_stage", "vilg"), ("end_to_end", "vilg_e2e"))
+JUDGE_KEYS = ("shape", "colour", "position", "size", "count", "all")
+
+
+# ---------------------------------------------------------------------------------------------
+# locks: one claimer per work item, across processes and sessions
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _claim(locks: Path, name: str) -> bool:
+    locks.mkdir(parents=True, exist_ok=True)
+    path = locks / f"{name}.lock"
+    for _ in range(2):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                pid = int(path.read_text().strip() or 0)
+            except (OSError, ValueError):
+                pid = 0
+            if pid and _alive(pid):
+                return False
+            path.unlink(missing_ok=True)  # the claimer died: take the item over
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(str(os.getpid()))
+        return True
+    return False
+
+
+def _release(locks: Path, name: str) -> None:
+    (locks / f"{name}.lock").unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# tokenizer ceiling
+
+def tokenizer_ceiling(ckpt: str, data: str, num: int) -> dict[str, float]:
+    from ernie_vilg.vq.registry import load_tokenizer as load_image_tokenizer
+    from ernie_vilg.checkpoint_io import load_checkpoint_config
+    from ernie_vilg.vq.evaluate import evaluate_manifest
+
+    _, cfg = load_checkpoint_config(ckpt)
+    tok = load_image_tokenizer(ckpt)
+    return evaluate_manifest(tok, Path(data) / "test.jsonl", cfg.Data.image_size, max_images=num)
+
+
+# ---------------------------------------------------------------------------------------------
+# data, training
+
+def _prepare(data: Path, tokenizer: Path, shared: Path, locks: Path) -> dict[str, Path]:
+    from ernie_vilg.vq.tokenize_images import tokenize_manifest
+    from ernie_vilg.text.vocab import build_vocab
+
+    paths = {"vocab": shared / "vocab.txt", **{s: shared / "tokens" / s for s in ("train", "val", "test")}}
+    done = shared / "prepared.json"
+    while not done.is_file():
+        if _claim(locks, "prepare"):
+            try:
+                shared.mkdir(parents=True, exist_ok=True)
+                if not paths["vocab"].is_file():
+                    build_vocab([data / "train.jsonl", data / "val.jsonl"], paths["vocab"])
+                for split in ("train", "val", "test"):
+                    if not (paths[split] / "info.json").is_file():
+                        tokenize_manifest(tokenizer, data / f"{split}.jsonl", paths[split])
+                done.write_text(json.dumps({"data": str(data), "tokenizer": str(tokenizer)}), encoding="utf-8")
+            finally:
+                _release(locks, "prepare")
+        else:
+            time.sleep(10)
+    recorded = json.loads(done.read_text(encoding="utf-8"))
+    if Path(recorded["tokenizer"]) != tokenizer:
+        raise SystemExit(f"{shared} was tokenized with {recorded['tokenizer']}, not {tokenizer}: use another --out")
+    return paths
+
+
+def _run_config(args: argparse.Namespace, stage: str, run_dir: Path, paths: dict[str, Path], seed: int) -> Any:
+    from ernie_vilg.config import load_config
+
+    return load_config(Path(args.config), [
+        f"Global.stage={stage}", f"Global.output_dir={run_dir}", f"Global.seed={seed}",
+        f"Data.train_shards={paths['train']}", f"Data.val_shards={paths['val']}",
+        f"Data.vocab_file={paths['vocab']}", f"Data.tokenizer_ckpt={args.tokenizer}",
+        f"Train.max_steps={args.steps}", "Train.max_minutes=0", "Train.eval_every=0",
+        f"Train.save_every={args.save_every}", "Train.progress_bar=False", *args.override])
+
+
+def _trained_step(run_dir: Path) -> int:
+    from ernie_vilg.checkpoint_io import latest_checkpoint
+
+    ckpt = latest_checkpoint(run_dir / "checkpoints")
+    if ckpt is None:
+        return 0
+    meta = ckpt / "meta.json"
+    return int(json.loads(meta.read_text(encoding="utf-8")).get("step", 0)) if meta.is_file() else 0
+
+
+def _train(args: argparse.Namespace, stage: str, run_dir: Path, paths: dict[str, Path], seed: int) -> None:
+    from ernie_vilg.runtime import configure_threads, seed_everything
+    from ernie_vilg.stages import prepare
+    from ernie_vilg.training.trainer import Trainer
+
+    cfg = _run_config(args, stage, run_dir, paths, seed)
+    configure_threads(cfg.Global.num_threads)
+    seed_everything(seed)
+    t0 = time.time()
+    module = prepare(cfg)
+    result = Trainer(module.cfg, module).fit()
+    with open(run_dir / "table7_train.jsonl", "a", encoding="utf-8") as f:
+        f.write(json.dumps({"step": result.get("step"), "seconds_this_leg": time.time() - t0,
+                            "ended": time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime())}) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------
+# evaluation
+
+def _save_pngs(images_u8: np.ndarray, folder: Path) -> None:
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, img in enumerate(images_u8):
+        Image.fromarray(img).save(folder / f"{i:05d}.png")
+
+
+def _load_model(run_dir: Path, module_cls_stage: str, args: argparse.Namespace, paths: dict[str, Path],
+                seed: int) -> Any:
+    from ernie_vilg.checkpoint_io import latest_checkpoint, load_model_state, set_model_state
+    from ernie_vilg.stages import prepare
+
+    cfg = _run_config(args, module_cls_stage, run_dir, paths, seed)
+    module = prepare(cfg)
+    model = module.build_model()
+    ckpt = latest_checkpoint(run_dir / "checkpoints")
+    set_model_state(model, load_model_state(ckpt), ckpt)
+    model.eval()
+    return module, model
+
+
+def _generate(model: Any, module: Any, records: list[Any], seed: int, batch: int = 250) -> np.ndarray:
+    """One sample per caption with the recipe's Generation settings (as the quickstart's
+    one-sample judge: generation/evaluate.image_direction), seeds seed + batch start."""
+    from ernie_vilg.generation.decoding import SamplingParams, TextSpecials, generate_image_tokens
+
+    gen, tok = module.cfg.Generation, module.text_tokenizer
+    params = SamplingParams(greedy=False, temperature=gen.temperature, top_k=gen.top_k, top_p=gen.top_p)
+    specials = TextSpecials(tok.cls_id, tok.sep_id, tok.pad_id)
+    out = []
+    for start in range(0, len(records), batch):
+        chunk = records[start:start + batch]
+        text_ids = tok.encode_batch([r.text for r in chunk], module.cfg.Data.max_text_len, pad_to_longest=True)
+        out.append(generate_image_tokens(model, text_ids, params, seed=seed + start, cfg_scale=gen.cfg_scale,
+                                         specials=specials))
+    return np.concatenate(out)
+
+
+def _e2e_reconstruct(model: Any, module: Any, records: list[Any], ids: np.ndarray, batch: int = 250) -> np.ndarray:
+    import paddle
+
+    tok = module.text_tokenizer
+    out = []
+    with paddle.no_grad():
+        for start in range(0, len(records), batch):
+            chunk = records[start:start + batch]
+            text_ids = tok.encode_batch([r.text for r in chunk], module.cfg.Data.max_text_len, pad_to_longest=True)
+            out.append(model.reconstruct_from_ids(paddle.to_tensor(text_ids),
+                                                  paddle.to_tensor(ids[start:start + batch])).numpy())
+    return np.concatenate(out)
+
+
+def _decode(tokenizer: Any, ids: np.ndarray, batch: int = 250) -> np.ndarray:
+    import paddle
+
+    with paddle.no_grad():
+        return np.concatenate([tokenizer.decode_ids(paddle.to_tensor(ids[s:s + batch])).numpy()
+                               for s in range(0, len(ids), batch)])
+
+
+def _score(images: np.ndarray, records: list[Any], folder: Path, real_stats: Path,
+           fid_weights: Optional[Path]) -> dict[str, Any]:
+    """images [N, 3, H, W] in [-1, 1] -> PNGs in folder, judge, FID vs real_stats."""
+    from ernie_vilg.data.images import denormalize
+    from ernie_vilg.generation.evaluate import _judge
+    from ernie_vilg.metrics.fid import evaluate_fid
+
+    u8 = denormalize(images)
+    _save_pngs(u8, folder)
+    judge, _ = _judge(u8, records)
+    row: dict[str, Any] = {"judge": {k[len("judge_"):]: v for k, v in judge.items()}}
+    row["FID"] = (evaluate_fid(folder, real_stats, weights_dir=fid_weights, progress=False)["FID"]
+                  if fid_weights else None)
+    return row
+
+
+def _records(paths: dict[str, Path], num: int) -> list[Any]:
+    from ernie_vilg.data.token_shards import TokenShards
+
+    test = TokenShards(paths["test"])
+    return [test[i] for i in range(min(num, len(test)))]
+
+
+def _real_stats(args: argparse.Namespace, paths: dict[str, Path], shared: Path, locks: Path,
+                records: list[Any]) -> Path:
+    """The real test images (their PNG files, at the tokenizer's size) and their FID statistics."""
+    from ernie_vilg.data.images import denormalize, load_image
+    from ernie_vilg.metrics.fid import evaluate_fid
+
+    stats = shared / f"real_stats_{len(records)}.npz"
+    while args.fid_weights and not stats.is_file():
+        if _claim(locks, "real_stats"):
+            try:
+                size = int(json.loads((paths["test"] / "info.json").read_text(encoding="utf-8"))["image_size"])
+                real = np.stack([load_image(r.meta["image"], size) for r in records])
+                folder = shared / f"real_{len(records)}"
+                _save_pngs(denormalize(real), folder)
+                evaluate_fid(folder, None, weights_dir=args.fid_weights, save_stats=stats, progress=False)
+            finally:
+                _release(locks, "real_stats")
+        else:
+            time.sleep(10)
+    return stats
+
+
+def _gold_two_stage(args: argparse.Namespace, paths: dict[str, Path], shared: Path, locks: Path,
+                    records: list[Any], stats: Path) -> dict[str, Any]:
+    """Row 4 (the same for every seed: the dVAE decoder on the gold ids)."""
+    from ernie_vilg.vq.registry import load_tokenizer as load_image_tokenizer
+
+    out = shared / f"row4_{len(records)}.json"
+    while not out.is_file():
+        if _claim(locks, "row4"):
+            try:
+                gold = np.stack([r.image_ids for r in records]).astype(np.int64)
+                images = _decode(load_image_tokenizer(args.tokenizer), gold)
+                row = _score(images, records, shared / f"row4_{len(records)}", stats, args.fid_weights)
+                out.write_text(json.dumps(row, indent=1), encoding="utf-8")
+            finally:
+                _release(locks, "row4")
+        else:
+            time.sleep(10)
+    return json.loads(out.read_text(encoding="utf-8"))
+
+
+def _prep_done(args: argparse.Namespace, shared: Path) -> bool:
+    n = _num_records(args, shared)
+    return (shared / f"row4_{n}.json").is_file() and (not args.fid_weights or (shared / f"real_stats_{n}.npz").is_file())
+
+
+def _num_records(args: argparse.Namespace, shared: Path) -> int:
+    info = json.loads((shared / "tokens" / "test" / "info.json").read_text(encoding="utf-8"))
+    return min(args.num_eval, int(info["count"]))
+
+
+def _gen_seed(args: argparse.Namespace, paths: dict[str, Path], seed: int) -> None:
+    """One sample per test caption from each generator, same sampling seeds: sdir/eval/ids_*.npy."""
+    import paddle
+
+    from ernie_vilg.runtime import configure_threads
+
+    configure_threads(args.threads)
+    sdir = args.out / f"s{seed}"
+    records = _records(paths, args.num_eval)
+    t0 = time.time()
+    out = {}
+    for variant, stage in VARIANTS:
+        module, model = _load_model(sdir / variant, stage, args, paths, seed)
+        with paddle.no_grad():
+            out[variant] = _generate(model, module, records, 1000 * seed)
+    (sdir / "eval").mkdir(parents=True, exist_ok=True)
+    for variant, ids in out.items():
+        np.save(sdir / "eval" / f"ids_{variant}.npy", ids)
+    (sdir / "eval" / "gen.json").write_text(json.dumps({"seconds": time.time() - t0, "num": len(records)}),
+                                            encoding="utf-8")
+
+
+def _row_seed(args: argparse.Namespace, paths: dict[str, Path], shared: Path, seed: int, row: int) -> None:
+    """Rows 1, 2, 3, 5 of one seed: images, judge, FID -> sdir/eval/row<i>.json."""
+    from ernie_vilg.vq.registry import load_tokenizer as load_image_tokenizer
+    from ernie_vilg.runtime import configure_threads
+
+    configure_threads(args.threads)
+    sdir = args.out / f"s{seed}"
+    records = _records(paths, args.num_eval)
+    stats = shared / f"real_stats_{len(records)}.npz"
+    t0 = time.time()
+    if row in (1, 2):
+        ids = np.load(sdir / "eval" / f"ids_{'two_stage' if row == 1 else 'end_to_end'}.npy")
+        images = _decode(load_image_tokenizer(args.tokenizer), ids)
+    else:
+        module, model = _load_model(sdir / "end_to_end", "vilg_e2e", args, paths, seed)
+        ids = (np.load(sdir / "eval" / "ids_end_to_end.npy") if row == 3
+               else np.stack([r.image_ids for r in records]).astype(np.int64))
+        images = _e2e_reconstruct(model, module, records, ids)
+    result = _score(images, records, sdir / "eval" / f"row{row}", stats, args.fid_weights)
+    result["seconds"] = time.time() - t0
+    (sdir / "eval" / f"row{row}.json").write_text(json.dumps(result, indent=1), encoding="utf-8")
+
+
+def _finalize_seed(args: argparse.Namespace, shared: Path, seed: int) -> None:
+    sdir = args.out / f"s{seed}"
+    n = _num_records(args, shared)
+    rows = []
+    for i, name in enumerate(ROWS):
+        path = shared / f"row4_{n}.json" if i == 3 else sdir / "eval" / f"row{i + 1}.json"
+        rows.append({"row": name, "paper_FID": PAPER_FID[i], **json.loads(path.read_text(encoding="utf-8"))})
+    gen = json.loads((sdir / "eval" / "gen.json").read_text(encoding="utf-8"))
+    summary = {"seed": seed, "rows": rows, "num_eval": n,
+               "steps": {v: _trained_step(sdir / v) for v, _ in VARIANTS}, "generation_seconds": gen["seconds"],
+               "fid": f"{n} generated vs {n} real test images" if args.fid_weights else None,
+               "date": time.strftime("%Y-%m-%d %H:%M", time.gmtime())}
+    (sdir / "table7.json").write_text(json.dumps(summary, indent=1, ensure_ascii=False), encoding="utf-8")
+
+
+# ---------------------------------------------------------------------------------------------
+# summary
+
+def summarize(out: Path) -> dict[str, Any]:
+    tables = []
+    for path in sorted(out.glob("s*/table7.json")):
+        tables.append(json.loads(path.read_text(encoding="utf-8")))
+    summary: dict[str, Any] = {"seeds": [t["seed"] for t in tables], "rows": []}
+    if not tables:
+        return summary
+    for i, name in enumerate(ROWS):
+        entry: dict[str, Any] = {"row": name, "paper_FID": PAPER_FID[i]}
+        fids = [t["rows"][i]["FID"] for t in tables if t["rows"][i]["FID"] is not None]
+        if fids:
+            entry["FID"] = {"mean": float(np.mean(fids)), "std": float(np.std(fids, ddof=1)) if len(fids) > 1 else 0.0,
+                            "min": float(np.min(fids)), "max": float(np.max(fids)), "values": fids}
+        for k in JUDGE_KEYS:
+            vals = [100.0 * t["rows"][i]["judge"][k] for t in tables]
+            entry[k] = {"mean": float(np.mean(vals)), "std": float(np.std(vals, ddof=1)) if len(vals) > 1 else 0.0,
+                        "values": vals}
+        summary["rows"].append(entry)
+    # the paper's orderings, per seed (FID: lower is better)
+    def fid(t: dict[str, Any], i: int) -> Optional[float]:
+        return t["rows"][i]["FID"]
+
+    checks = {"e2e G beats two-stage G (row 2 < row 1)": (1, 0), "e2e R beats two-stage R on generated (row 3 < row 2)": (2, 1),
+              "e2e pipeline beats two-stage pipeline (row 3 < row 1)": (2, 0), "e2e R beats two-stage R on gold (row 5 < row 4)": (4, 3)}
+    summary["orderings"] = {}
+    for label, (a, b) in checks.items():
+        diffs = [fid(t, a) - fid(t, b) for t in tables if fid(t, a) is not None and fid(t, b) is not None]
+        summary["orderings"][label] = {"FID differences per seed": diffs,
+                                       "holds in": f"{sum(d < 0 for d in diffs)} of {len(diffs)} seeds"}
+    summary["steps"] = [t["steps"] for t in tables]
+    (out / "summary.json").write_text(json.dumps(summary, indent=1, ensure_ascii=False), encoding="utf-8")
+    (out / "summary.md").write_text(format_markdown(summary), encoding="utf-8")
+    return summary
+
+
+def _ms(d: dict[str, Any], digits: int = 1) -> str:
+    return f"{d['mean']:.{digits}f} ± {d['std']:.{digits}f}"
+
+
+def format_markdown(summary: dict[str, Any]) -> str:
+    n = len(summary["seeds"])
+    lines = [f"seeds: {summary['seeds']} (mean ± sample std over {n} seed{'s' if n != 1 else ''})", "",
+             "| setting | FID (here) | paper FID | shape | colour | position | size | count | all five |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in summary["rows"]:
+        fid = _ms(r["FID"]) if "FID" in r else "n/a"
+        lines.append(f"| {r['row']} | {fid} | {r['paper_FID']} | " + " | ".join(_ms(r[k]) for k in JUDGE_KEYS) + " |")
+    lines.append("")
+    for label, o in summary.get("orderings", {}).items():
+        diffs = ", ".join(f"{d:+.2f}" for d in o["FID differences per seed"])
+        lines.append(f"- {label}: FID differences per seed {diffs}; holds in {o['holds in']}")
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------
+
+def _item_name(kind: str, seed: int, variant: Any) -> str:
+    return {"prep": "prep", "train": f"train_s{seed}_{variant}", "gen": f"gen_s{seed}",
+            "row": f"row{variant}_s{seed}"}[kind]
+
+
+def _next_item(args: argparse.Namespace, shared: Path, locks: Path) -> tuple[Optional[tuple[str, int, Any]], bool]:
+    """The first claimable item in priority order, seed by seed: its two trainings, the shared
+    evaluation part (real statistics, row 4), its generation, its four rows. Returns (item, wait):
+    wait = an item of the current seed is blocked by one another process is running, so rather than
+    start the next seed this process waits to help with the current seed's evaluation."""
+    for seed in args.seeds:
+        sdir = args.out / f"s{seed}"
+        if (sdir / "table7.json").is_file():
+            continue
+        blocked = False
+        trained = True
+        for variant, _ in VARIANTS:
+            if _trained_step(sdir / variant) < args.steps:
+                trained = False
+                if _claim(locks, _item_name("train", seed, variant)):
+                    return ("train", seed, variant), False
+        if args.train_only:
+            continue
+        if not _prep_done(args, shared):
+            if _claim(locks, "prep"):
+                return ("prep", seed, None), False
+        if not trained:
+            blocked = True  # the other variant is training elsewhere
+        else:
+            gen_done = (sdir / "eval" / "gen.json").is_file()
+            if not gen_done:
+                if _claim(locks, _item_name("gen", seed, None)):
+                    return ("gen", seed, None), False
+                blocked = True
+            elif not _prep_done(args, shared):
+                blocked = True
+            else:
+                for row in (1, 2, 3, 5):
+                    if not (sdir / "eval" / f"row{row}.json").is_file():
+                        if _claim(locks, _item_name("row", seed, row)):
+                            return ("row", seed, row), False
+                        blocked = True
+        if blocked:
+            return None, True
+    return None, False
+
+
+def _finalize_ready(args: argparse.Namespace, shared: Path) -> None:
+    for seed in args.seeds:
+        sdir = args.out / f"s{seed}"
+        if not (sdir / "table7.json").is_file() and (sdir / "eval" / "gen.json").is_file() and \
+                _prep_done(args, shared) and all((sdir / "eval" / f"row{r}.json").is_file() for r in (1, 2, 3, 5)):
+            _finalize_seed(args, shared, seed)
+
+
+def run(args: argparse.Namespace) -> int:
+    from ernie_vilg.runtime import setup_logging
+
+    setup_logging()
+    args.out, args.data, args.tokenizer = Path(args.out), Path(args.data), Path(args.tokenizer)
+    args.fid_weights = Path(args.fid_weights) if args.fid_weights else None
+    shared, locks = args.out / "shared", args.out / "locks"
+    paths = _prepare(args.data, args.tokenizer, shared, locks)
+    while True:
+        item, wait = _next_item(args, shared, locks)
+        if item is None:
+            if not wait:
+                break
+            time.sleep(20)  # what is left waits for another process's item (a training, the generation)
+            continue
+        kind, seed, variant = item
+        name = _item_name(kind, seed, variant)
+        try:
+            print(f"==> {name}", flush=True)
+            if kind == "prep":
+                from ernie_vilg.runtime import configure_threads
+
+                configure_threads(args.threads)
+                records = _records(paths, args.num_eval)
+                _gold_two_stage(args, paths, shared, locks, records, _real_stats(args, paths, shared, locks, records))
+            elif kind == "train":
+                _train(args, dict(VARIANTS)[variant], args.out / f"s{seed}" / variant, paths, seed)
+            elif kind == "gen":
+                _gen_seed(args, paths, seed)
+            else:
+                _row_seed(args, paths, shared, seed, int(variant))
+        finally:
+            _release(locks, name)
+        _finalize_ready(args, shared)
+        summarize(args.out)
+    summary = summarize(args.out)
+    if summary["rows"]:
+        print(format_markdown(summary))
+    return 0
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    t = sub.add_parser("tokenizer", help="reconstruction ceiling of a tokenizer on the test split")
+    t.add_argument("--ckpt", required=True)
+    t.add_argument("--data", required=True)
+    t.add_argument("--num", type=int, default=1000)
+    r = sub.add_parser("run", help="train and evaluate (resumable, shareable by two processes)")
+    r.add_argument("--data", required=True, help="shapes world folder (train/val/test.jsonl)")
+    r.add_argument("--tokenizer", required=True, help="dVAE checkpoint (the two-stage reconstructor)")
+    r.add_argument("--out", required=True)
+    r.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    r.add_argument("--steps", type=int, default=3400)
+    r.add_argument("--save-every", type=int, default=500)
+    r.add_argument("--num-eval", type=int, default=1000)
+    r.add_argument("--fid-weights", default=None)
+    r.add_argument("--threads", type=int, default=1, help="threads of the evaluation")
+    r.add_argument("--config", default="configs/vilg/shapes_table7.yaml")
+    r.add_argument("--train-only", action="store_true")
+    r.add_argument("-o", dest="override", action="append", default=[])
+    s = sub.add_parser("summary")
+    s.add_argument("--out", required=True)
+    args = p.parse_args(argv)
+    if args.cmd == "tokenizer":
+        from ernie_vilg.runtime import configure_threads
+
+        configure_threads(1)
+        print(json.dumps(tokenizer_ceiling(args.ckpt, args.data, args.num), indent=1))
+        return 0
+    if args.cmd == "summary":
+        summary = summarize(Path(args.out))
+        print(format_markdown(summary) if summary["rows"] else "no finished seed yet")
+        return 0
+    return run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
