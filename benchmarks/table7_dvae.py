@@ -8,6 +8,9 @@ over several seeds, resumable across sessions.
         --steps 3400 --num-eval 1000 --fid-weights W [-o Section.key=value ...]
     # only the mean / spread table of what has finished
     python benchmarks/table7_dvae.py summary --out OUT
+    # a row's pixel-noise floor: background level, then FID after zeroing values <= 3
+    python benchmarks/table7_dvae.py floor --images OUT/shared/row4_1000 --real OUT/shared/real_1000 \
+        --real-stats OUT/shared/real_stats_1000.npz --out DIR --fid-weights W
 
 `run` is a work list of (seed, variant) trainings and per-seed evaluations. Each item is claimed
 with a lock file (OUT/locks/, holding the claimer's pid; a lock of a dead process is taken over),
@@ -401,6 +404,32 @@ def summarize(out: Path) -> dict[str, Any]:
     return summary
 
 
+def noise_floor(images: Path, real_dir: Path, real_stats: Path, out: Path, fid_weights: Path, max_value: int = 3,
+                num_pixels_stats: int = 50) -> dict[str, Any]:
+    """Diagnostic of a row's pixel-noise floor: the mean value of the row's pixels where the real
+    image is black and the mean absolute difference to the real image (first `num_pixels_stats`
+    images, same file names), then the row's FID after setting every value <= max_value to 0."""
+    from PIL import Image
+
+    from ernie_vilg.metrics.fid import evaluate_fid
+
+    files = sorted(images.glob("*.png"))
+    bg, diff = [], []
+    for f in files[:num_pixels_stats]:
+        a = np.asarray(Image.open(real_dir / f.name)).astype(np.float64)
+        b = np.asarray(Image.open(f)).astype(np.float64)
+        bg.append(b[a.sum(-1) < 30].mean())
+        diff.append(np.abs(a - b).mean())
+    out.mkdir(parents=True, exist_ok=True)
+    for f in files:
+        a = np.asarray(Image.open(f)).copy()
+        a[a <= max_value] = 0
+        Image.fromarray(a).save(out / f.name)
+    fid = evaluate_fid(out, real_stats, weights_dir=fid_weights, progress=False)["FID"]
+    return {"background_mean": float(np.mean(bg)), "mean_abs_diff": float(np.mean(diff)),
+            f"FID_after_floor_{max_value}": fid}
+
+
 def _ms(d: dict[str, Any], digits: int = 1) -> str:
     return f"{d['mean']:.{digits}f} ± {d['std']:.{digits}f}"
 
@@ -540,12 +569,26 @@ def main(argv: Optional[list[str]] = None) -> int:
     r.add_argument("-o", dest="override", action="append", default=[])
     s = sub.add_parser("summary")
     s.add_argument("--out", required=True)
+    f = sub.add_parser("floor", help="pixel-noise-floor diagnostic of one row's images")
+    f.add_argument("--images", required=True, help="a row's PNG folder, e.g. OUT/shared/row4_1000")
+    f.add_argument("--real", required=True, help="the real images' PNG folder (same file names)")
+    f.add_argument("--real-stats", required=True, help="their FID statistics (OUT/shared/real_stats_1000.npz)")
+    f.add_argument("--out", required=True)
+    f.add_argument("--fid-weights", required=True)
+    f.add_argument("--max-value", type=int, default=3)
     args = p.parse_args(argv)
     if args.cmd == "tokenizer":
         from ernie_vilg.runtime import configure_threads
 
         configure_threads(1)
         print(json.dumps(tokenizer_ceiling(args.ckpt, args.data, args.num), indent=1))
+        return 0
+    if args.cmd == "floor":
+        from ernie_vilg.runtime import configure_threads
+
+        configure_threads(1)
+        print(json.dumps(noise_floor(Path(args.images), Path(args.real), Path(args.real_stats), Path(args.out), Path(args.fid_weights),
+                                     args.max_value), indent=1))
         return 0
     if args.cmd == "summary":
         summary = summarize(Path(args.out))
