@@ -53,17 +53,9 @@ JUDGE_KEYS = ("shape", "colour", "position", "size", "count", "all")
 # ---------------------------------------------------------------------------------------------
 # locks: one claimer per work item, across processes and sessions
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def _claim(locks: Path, name: str) -> bool:
+    from ernie_vilg.checkpoint_io import pid_alive
+
     locks.mkdir(parents=True, exist_ok=True)
     path = locks / f"{name}.lock"
     for _ in range(2):
@@ -74,7 +66,7 @@ def _claim(locks: Path, name: str) -> bool:
                 pid = int(path.read_text().strip() or 0)
             except (OSError, ValueError):
                 pid = 0
-            if pid and _alive(pid):
+            if pid and pid_alive(pid):  # checkpoint_io's check (zombies count as gone)
                 return False
             path.unlink(missing_ok=True)  # the claimer died: take the item over
             continue
