@@ -6,6 +6,11 @@ over several seeds, resumable across sessions.
     # train both variants for every seed, evaluate each seed, write OUT/summary.{json,md}
     python benchmarks/table7_dvae.py run --data DIR --tokenizer CKPT --out OUT --seeds 0 1 2 \
         --steps 3400 --num-eval 1000 --fid-weights W [-o Section.key=value ...]
+    # how much the generator feels the reconstruction loss (gradient norms on its weights)
+    python benchmarks/table7_dvae.py gradients --run OUT/s0/end_to_end [--from-init]
+    # variants: reuse a finished run's shared part (and its two-stage generators), e.g. a longer
+    # recipe, or only the end-to-end variant with other reconstructor settings
+    python benchmarks/table7_dvae.py run ... --out OUT2 --shared-from OUT [--two-stage-from OUT] -o E2E.rec_weight=100
     # only the mean / spread table of what has finished
     python benchmarks/table7_dvae.py summary --out OUT
     # a row's pixel-noise floor: background level, then FID after zeroing values <= 3
@@ -91,6 +96,52 @@ def tokenizer_ceiling(ckpt: str, data: str, num: int) -> dict[str, float]:
     _, cfg = load_checkpoint_config(ckpt)
     tok = load_image_tokenizer(ckpt)
     return evaluate_manifest(tok, Path(data) / "test.jsonl", cfg.Data.image_size, max_images=num)
+
+
+def gradient_balance(run_dir: Path, num_batches: int, from_init: bool = False) -> dict[str, Any]:
+    """How much the generator feels the reconstruction loss: over `num_batches` training batches,
+    the gradient norms on the generator's parameters (everything but the reconstructor) of
+    gen_weight * L_txt2img and of rec_weight * L_rec, their ratio and cosine. `from_init`: at the
+    run's initial weights (a fresh reconstructor MLP) instead of its newest checkpoint."""
+    from itertools import islice
+
+    import paddle
+
+    from ernie_vilg.checkpoint_io import latest_checkpoint, load_checkpoint_config, load_model_state, set_model_state
+    from ernie_vilg.stages import prepare
+
+    ckpt = latest_checkpoint(run_dir / "checkpoints")
+    if ckpt is None:
+        raise SystemExit(f"{run_dir}: no checkpoint")
+    _, cfg = load_checkpoint_config(ckpt)
+    if cfg.Global.stage != "vilg_e2e":
+        raise SystemExit(f"{ckpt}: stage {cfg.Global.stage!r}, not vilg_e2e")
+    module = prepare(cfg)
+    model = module.build_model()
+    if not from_init:
+        set_model_state(model, load_model_state(ckpt), ckpt)
+    model.train()
+    gen = [p for n, p in model.named_parameters() if not n.startswith("e2e.") and not p.stop_gradient]
+    w = cfg.E2E
+    norms: dict[str, list[float]] = {"txt2img": [], "rec": [], "cosine": []}
+    for batch in islice(iter(module.train_batches(0, 1)), num_batches):
+        logits, h_img = model.txt2img_with_hidden(batch["text_ids"], batch["image_ids"])
+        t2i = w.gen_weight * paddle.nn.functional.cross_entropy(
+            logits.reshape([-1, logits.shape[-1]]), batch["image_ids"].reshape([-1, 1]))
+        rec = w.rec_weight * model.reconstruction_loss(model.e2e(h_img), batch["images"])
+        grads = {}
+        for name, loss in (("txt2img", t2i), ("rec", rec)):
+            g = paddle.grad([loss], gen, retain_graph=True, allow_unused=True)
+            grads[name] = np.concatenate([np.zeros(int(np.prod(p.shape)), np.float32) if x is None else x.numpy().ravel()
+                                          for p, x in zip(gen, g)])
+        a, b = grads["txt2img"], grads["rec"]
+        norms["txt2img"].append(float(np.linalg.norm(a)))
+        norms["rec"].append(float(np.linalg.norm(b)))
+        norms["cosine"].append(float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-30)))
+    out = {k: float(np.mean(v)) for k, v in norms.items()}
+    out.update(ratio=out["rec"] / out["txt2img"], checkpoint=None if from_init else str(ckpt),
+               rec_weight=w.rec_weight, gen_weight=w.gen_weight, batches=num_batches)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -310,6 +361,8 @@ def _gen_seed(args: argparse.Namespace, paths: dict[str, Path], seed: int) -> No
     t0 = time.time()
     out = {}
     for variant, stage in VARIANTS:
+        if variant == "two_stage" and (sdir / "eval" / "row1.json").is_file():
+            continue  # reused from another run (--two-stage-from)
         module, model = _load_model(sdir / variant, stage, args, paths, seed)
         with paddle.no_grad():
             out[variant] = _generate(model, module, records, 1000 * seed)
@@ -498,6 +551,28 @@ def _finalize_ready(args: argparse.Namespace, shared: Path) -> None:
             _finalize_seed(args, shared, seed)
 
 
+def _reuse(args: argparse.Namespace) -> None:
+    """--shared-from: link OUT/shared to another run's (its tokens, real statistics and row 4);
+    --two-stage-from: link each seed's two-stage generator to another run's and copy its row 1, so
+    only the end-to-end variant trains (the reconstructor knobs: one baseline, many variants)."""
+    if args.shared_from and not (args.out / "shared").exists():
+        src = Path(args.shared_from) / "shared"
+        if not (src / "prepared.json").is_file():
+            raise SystemExit(f"--shared-from {args.shared_from}: no prepared shared folder")
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "shared").symlink_to(src.resolve())
+    if not args.two_stage_from:
+        return
+    for seed in args.seeds:
+        src, dst = Path(args.two_stage_from) / f"s{seed}", args.out / f"s{seed}"
+        if _trained_step(src / "two_stage") < args.steps or not (src / "eval" / "row1.json").is_file():
+            raise SystemExit(f"--two-stage-from: {src} has no two-stage run of {args.steps} steps with its row 1")
+        if not (dst / "two_stage").exists():
+            (dst / "eval").mkdir(parents=True, exist_ok=True)
+            (dst / "two_stage").symlink_to((src / "two_stage").resolve())
+            (dst / "eval" / "row1.json").write_bytes((src / "eval" / "row1.json").read_bytes())
+
+
 def run(args: argparse.Namespace) -> int:
     from ernie_vilg.runtime import setup_logging
 
@@ -505,6 +580,7 @@ def run(args: argparse.Namespace) -> int:
     args.out, args.data, args.tokenizer = Path(args.out), Path(args.data), Path(args.tokenizer)
     args.fid_weights = Path(args.fid_weights) if args.fid_weights else None
     shared, locks = args.out / "shared", args.out / "locks"
+    _reuse(args)
     paths = _prepare(args.data, args.tokenizer, shared, locks)
     while True:
         item, wait = _next_item(args, shared, locks)
@@ -558,6 +634,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     r.add_argument("--threads", type=int, default=1, help="threads of the evaluation")
     r.add_argument("--config", default="configs/vilg/shapes_table7.yaml")
     r.add_argument("--train-only", action="store_true")
+    r.add_argument("--shared-from", default=None, help="another run's OUT: reuse its tokens, real statistics, row 4")
+    r.add_argument("--two-stage-from", default=None,
+                   help="another run's OUT: reuse its two-stage generators and row 1 (train only the end-to-end variant)")
     r.add_argument("-o", dest="override", action="append", default=[])
     s = sub.add_parser("summary")
     s.add_argument("--out", required=True)
@@ -568,7 +647,17 @@ def main(argv: Optional[list[str]] = None) -> int:
     f.add_argument("--out", required=True)
     f.add_argument("--fid-weights", required=True)
     f.add_argument("--max-value", type=int, default=3)
+    g = sub.add_parser("gradients", help="reconstruction vs generation gradient on the generator (an end-to-end run)")
+    g.add_argument("--run", required=True, help="an end-to-end run folder, e.g. OUT/s0/end_to_end")
+    g.add_argument("--batches", type=int, default=8)
+    g.add_argument("--from-init", action="store_true", help="at the initial weights, not the newest checkpoint")
     args = p.parse_args(argv)
+    if args.cmd == "gradients":
+        from ernie_vilg.runtime import configure_threads
+
+        configure_threads(1)
+        print(json.dumps(gradient_balance(Path(args.run), args.batches, args.from_init), indent=1))
+        return 0
     if args.cmd == "tokenizer":
         from ernie_vilg.runtime import configure_threads
 

@@ -298,6 +298,11 @@ class E2EConfig:
     rec_loss: str = "mse"  # "mse" | "l1", on images in [-1, 1]
     mlp_hidden: int = 0  # hidden width of the hidden-state -> z_emb MLP (0 = Model.hidden_size)
     init_from_tokenizer: bool = True  # reconstructor starts as a copy of the tokenizer's decoder
+    # the reconstructor's own schedule (MLP + decoder; Table 7's knobs): its lr is Optimizer's
+    # schedule x rec_lr_scale, ramped linearly from 0 over rec_warmup_steps once it starts
+    rec_lr_scale: float = 1.0
+    rec_warmup_steps: int = 0
+    rec_start_step: int = 0  # no reconstruction loss before this step (= how long the reconstructor trains)
 
 
 @dataclass

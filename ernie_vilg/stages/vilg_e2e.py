@@ -22,7 +22,7 @@ from typing import Any, Optional
 import paddle
 
 from ernie_vilg.checkpoint_io import load_checkpoint_config
-from ernie_vilg.config import Config, ConfigError
+from ernie_vilg.config import Config, ConfigError, E2EConfig
 from ernie_vilg.data.pair_batches import E2EBatches
 from ernie_vilg.models.e2e import ErnieViLGE2E
 from ernie_vilg.models.guidance import I2T_IMAGE_KEY, T2I_TEXT_KEY
@@ -45,10 +45,27 @@ def resolve(cfg: Config) -> Config:
         raise ConfigError("Data.tokenizer_ckpt: the end-to-end stage needs the image tokenizer "
                           "(its decoder architecture and weights start the reconstructor)")
     _, tok_cfg = load_checkpoint_config(out.Data.tokenizer_ckpt)
+    check_e2e_schedule(out.E2E)
     out.VQ = copy.deepcopy(tok_cfg.VQ)
     if not read_shard_info(out.Data.train_shards).get("image_size"):  # shards older than the image size key
         out.Data.image_size = tok_cfg.Data.image_size
     return out
+
+
+def reconstructor_lr_scale(e2e: E2EConfig, step: int) -> float:
+    """The reconstructor's lr multiplier at `step` (0-based): 0 before `rec_start_step`, then a
+    linear ramp to `rec_lr_scale` over `rec_warmup_steps`."""
+    if step < e2e.rec_start_step:
+        return 0.0
+    if e2e.rec_warmup_steps > 0:
+        return e2e.rec_lr_scale * min(1.0, (step - e2e.rec_start_step + 1) / e2e.rec_warmup_steps)
+    return e2e.rec_lr_scale
+
+
+def check_e2e_schedule(e2e: E2EConfig) -> None:
+    for key in ("rec_lr_scale", "rec_warmup_steps", "rec_start_step"):
+        if getattr(e2e, key) < 0:
+            raise ConfigError(f"E2E.{key}: must be >= 0, got {getattr(e2e, key)!r}")
 
 
 def build_bare_model(cfg: Config, ckpt_dir: Optional[Path] = None) -> ErnieViLGE2E:
@@ -89,6 +106,7 @@ class E2ETrainModule(VilgTrainModule):
     def __init__(self, cfg: Config) -> None:
         super().__init__(cfg)
         self._image_tokenizer = load_tokenizer(cfg.Data.tokenizer_ckpt)
+        self._rec_scale: Optional[float] = None  # the multiplier last written to the reconstructor
 
     def build_model(self) -> ErnieViLGE2E:
         paddle.seed(self.cfg.Global.seed)
@@ -110,11 +128,23 @@ class E2ETrainModule(VilgTrainModule):
         image_logits, h_img = model.txt2img_with_hidden(batch.get(T2I_TEXT_KEY, text_ids), image_ids)
         text_logits = ctx(text_ids, batch.get(I2T_IMAGE_KEY, image_ids), Direction.IMG2TXT)
         nll = self.criterion(image_logits, image_ids, text_logits, text_ids)
-        rec = model.reconstruction_loss(model.e2e(h_img), batch["images"])
         w = self.cfg.E2E
-        loss = w.gen_weight * nll.txt2img + w.i2t_weight * nll.img2txt + w.rec_weight * rec
-        return loss, {"loss_txt2img": float(nll.txt2img), "loss_img2txt": float(nll.img2txt),
-                      "loss_rec": float(rec)}
+        loss = w.gen_weight * nll.txt2img + w.i2t_weight * nll.img2txt
+        logs = {"loss_txt2img": float(nll.txt2img), "loss_img2txt": float(nll.img2txt)}
+        self._set_reconstructor_lr(model, reconstructor_lr_scale(w, ctx.step))
+        if ctx.step >= w.rec_start_step:  # before it the reconstructor is idle (no loss, no decoder pass)
+            rec = model.reconstruction_loss(model.e2e(h_img), batch["images"])
+            loss = loss + w.rec_weight * rec
+            logs["loss_rec"] = float(rec)
+        return loss, logs
+
+    def _set_reconstructor_lr(self, model: ErnieViLGE2E, scale: float) -> None:
+        """Paddle's per-parameter lr multiplier (`optimize_attr`), read by the optimizer at every
+        step; derived from the step, so a resumed run sets the same value."""
+        if scale != self._rec_scale:
+            for p in model.e2e.parameters():
+                p.optimize_attr["learning_rate"] = scale
+            self._rec_scale = scale
 
     def tokens(self, batch: dict[str, paddle.Tensor]) -> None:
         return None  # the reconstructor's work is not in `flops_per_token`
