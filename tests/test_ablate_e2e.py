@@ -48,6 +48,18 @@ def test_ablation_rows_resume_and_reuse(tmp_path, shapes_dir, dvae_ckpt, capsys)
     summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
     assert summary["seeds"] == [0] and len(summary["rows"]) == 5
 
+    # the grid: captions x (real, five rows); --amplify brightens every tile but keeps black black
+    from PIL import Image
+    import numpy as np
+
+    assert main(["grid", "--out", str(out), "--dest", str(tmp_path / "g.png"), "--num", "3"]) == 0
+    assert main(["grid", "--out", str(out), "--dest", str(tmp_path / "g40.png"), "--num", "3", "--amplify", "40"]) == 0
+    g, g40 = (np.asarray(Image.open(tmp_path / n)).astype(int) for n in ("g.png", "g40.png"))
+    assert g.shape == g40.shape and g.shape[0] > 3 * 64 and g.shape[1] > 6 * 64  # 3 rows x 6 columns of 64 px tiles
+    assert (g40 >= g).all() and (g40 > g).any() and ((g == 0) == (g40 == 0)).all()
+    assert len((tmp_path / "g.txt").read_text(encoding="utf-8").splitlines()) == 3
+    assert main(["grid", "--out", str(out), "--dest", str(tmp_path / "x.png"), "--first", "99"]) == 2
+
     # a second run finds everything done: nothing retrained, the table unchanged
     ckpts = sorted((out / "s0").glob("*/checkpoints/step-*/meta.json"))
     stamps = [p.stat().st_mtime_ns for p in ckpts]

@@ -12,6 +12,7 @@ seeds (the runner is `ernie_vilg/experiments/table7.py`; docs/paper_claims.md ha
     python tools/ablate_e2e.py gradients --run OUT/s0/end_to_end   # reconstruction vs generation gradient
     python tools/ablate_e2e.py floor --images OUT/shared/row4_1000 --real OUT/shared/real_1000 \\
         --real-stats OUT/shared/real_stats_1000.npz --out DIR --fid-weights W   # pixel-noise floor of a row
+    python tools/ablate_e2e.py grid --out OUT --seed 0 --dest t7.png [--amplify 40]   # look at the rows
     python tools/ablate_e2e.py tokenizer --ckpt DVAE_CKPT --data DIR   # the tokenizer's ceiling
 
 Exit code 2 with one line on stderr for a bad input (missing folder, checkpoint of another stage,
@@ -60,6 +61,13 @@ def _parser() -> argparse.ArgumentParser:
     f.add_argument("--out", required=True)
     f.add_argument("--fid-weights", required=True)
     f.add_argument("--max-value", type=int, default=3)
+    v = sub.add_parser("grid", help="PNG: test captions x (real image, the five rows) of one seed")
+    v.add_argument("--out", required=True, help="the run's OUT")
+    v.add_argument("--seed", type=int, default=0)
+    v.add_argument("--dest", required=True, help="the PNG to write (and DEST.txt: the captions)")
+    v.add_argument("--num", type=int, default=8)
+    v.add_argument("--first", type=int, default=0, help="index of the first test caption")
+    v.add_argument("--amplify", type=float, default=1.0, help="multiply pixel values (40: show a faint background)")
     t = sub.add_parser("tokenizer", help="reconstruction ceiling of a tokenizer on the test split")
     t.add_argument("--ckpt", required=True)
     t.add_argument("--data", required=True)
@@ -88,6 +96,9 @@ def _dispatch(args: argparse.Namespace) -> int:
             raise table7.Table7Error(f"--out {args.out}: no such folder")
         summary = table7.summarize(Path(args.out))
         print(table7.format_markdown(summary) if summary["rows"] else "no finished seed yet")
+        return 0
+    if args.cmd == "grid":
+        print(table7.sample_grid(Path(args.out), args.seed, Path(args.dest), args.num, args.first, args.amplify))
         return 0
     configure_threads(1)
     if args.cmd == "gradients":

@@ -476,6 +476,54 @@ def summarize(out: Path) -> dict[str, Any]:
     return summary
 
 
+GRID_COLUMNS = ("real", "2s G + 2s R", "e2e G + 2s R", "e2e G + e2e R", "gold + 2s R", "gold + e2e R")
+
+
+def sample_grid(out: Path, seed: int, dest: Path, num: int = 8, first: int = 0, amplify: float = 1.0,
+                scale: int = 2) -> Path:
+    """A PNG of `num` test captions (rows, from index `first`) x the real image and the five Table-7
+    rows of one seed (columns), read from the PNGs the run saved. `amplify` multiplies every pixel
+    value (clipped at 255) so a sub-visible background level shows (e.g. 40: a value of 3 of 255
+    becomes 120). A column whose images were not kept (a reused row) stays blank. Also writes
+    dest.txt: the captions, one per grid row."""
+    from PIL import Image, ImageDraw
+
+    from ernie_vilg.data.token_shards import TokenShards
+
+    shared, sdir = out / "shared", out / f"s{seed}"
+    n = _num_records(Table7Run(data=Path("."), tokenizer=Path("."), out=out, num_eval=10 ** 9), shared)
+    folders = [shared / f"real_{n}", sdir / "eval" / "row1", sdir / "eval" / "row2", sdir / "eval" / "row3",
+               shared / f"row4_{n}", sdir / "eval" / "row5"]
+    if not (sdir / "table7.json").is_file() and not (sdir / "eval").is_dir():
+        raise Table7Error(f"{sdir}: no evaluated seed {seed}")
+    names = [f"{i:05d}.png" for i in range(first, min(first + num, n))]
+    if not names:
+        raise Table7Error(f"--first {first}: the run has {n} test images")
+    probe = next((f / names[0] for f in folders if (f / names[0]).is_file()), None)
+    if probe is None:
+        raise Table7Error(f"{out}: none of the rows' images were kept")
+    size = Image.open(probe).size[0] * scale
+    header, margin = 14, 26
+    grid = Image.new("RGB", (margin + len(folders) * (size + 2), header + len(names) * (size + 2)), (255, 255, 255))
+    draw = ImageDraw.Draw(grid)
+    for c, label in enumerate(GRID_COLUMNS):
+        draw.text((margin + c * (size + 2) + 2, 1), label, fill=(0, 0, 0))
+    for r, name in enumerate(names):
+        y = header + r * (size + 2)
+        draw.text((2, y + size // 2 - 5), str(first + r), fill=(0, 0, 0))
+        for c, folder in enumerate(folders):
+            if (folder / name).is_file():
+                img = np.asarray(Image.open(folder / name).convert("RGB")).astype(np.float64) * amplify
+                tile = Image.fromarray(np.clip(img, 0, 255).astype(np.uint8)).resize((size, size), Image.NEAREST)
+                grid.paste(tile, (margin + c * (size + 2), y))
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    grid.save(dest)
+    test = TokenShards(shared / "tokens" / "test")
+    dest.with_suffix(".txt").write_text("".join(f"{first + r}\t{test[first + r].text}\n" for r in range(len(names))),
+                                        encoding="utf-8")
+    return dest
+
+
 def noise_floor(images: Path, real_dir: Path, real_stats: Path, out: Path, fid_weights: Path, max_value: int = 3,
                 num_pixels_stats: int = 50) -> dict[str, Any]:
     """Diagnostic of a row's pixel-noise floor: the mean value of the row's pixels where the real
