@@ -131,6 +131,10 @@ def test_a_second_run_on_the_same_output_folder_is_refused(tmp_path):
         lock.write_text(json.dumps({"pid": other.pid, "host": socket.gethostname()}))
         with pytest.raises(CheckpointError, match=rf"in use by another training run \(pid {other.pid}\)"):
             OutputLock(tmp_path).acquire()
+        assert OutputLock(tmp_path).try_acquire() is False  # the non-blocking claim (Table 7's work items)
+        (tmp_path / "item.lock").write_text(json.dumps({"pid": dead_pid(), "host": socket.gethostname()}))
+        assert OutputLock(tmp_path, "item.lock").try_acquire() is True  # a dead claimer's item is taken over
+        assert json.loads((tmp_path / "item.lock").read_text())["pid"] == os.getpid()
         cfg = toy_cfg(tmp_path)
         with pytest.raises(CheckpointError, match="in use by another training run"):
             Trainer(cfg, ToyStage(cfg))

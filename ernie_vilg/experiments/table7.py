@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -86,26 +85,11 @@ class Table7Run:
 # locks: one claimer per work item, across processes and sessions
 
 def _claim(locks: Path, name: str) -> bool:
-    from ernie_vilg.checkpoint_io import pid_alive
+    """Take work item `name` (OUT/locks/<name>.lock) unless a live process holds it; a lock of a
+    dead process is taken over (the training output folder's lock, non-blocking)."""
+    from ernie_vilg.training.checkpoint import OutputLock
 
-    locks.mkdir(parents=True, exist_ok=True)
-    path = locks / f"{name}.lock"
-    for _ in range(2):
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            try:
-                pid = int(path.read_text().strip() or 0)
-            except (OSError, ValueError):
-                pid = 0
-            if pid and pid_alive(pid):  # checkpoint_io's check (zombies count as gone)
-                return False
-            path.unlink(missing_ok=True)  # the claimer died: take the item over
-            continue
-        with os.fdopen(fd, "w") as f:
-            f.write(str(os.getpid()))
-        return True
-    return False
+    return OutputLock(locks, f"{name}.lock").try_acquire()
 
 
 def _release(locks: Path, name: str) -> None:
@@ -134,7 +118,7 @@ def gradient_balance(run_dir: Path, num_batches: int, from_init: bool = False) -
 
     import paddle
 
-    from ernie_vilg.checkpoint_io import latest_checkpoint, load_checkpoint_config, load_model_state, set_model_state
+    from ernie_vilg.checkpoint_io import latest_checkpoint, load_checkpoint_config, load_weights_into
     from ernie_vilg.stages import prepare
 
     ckpt = latest_checkpoint(run_dir / "checkpoints")
@@ -146,7 +130,7 @@ def gradient_balance(run_dir: Path, num_batches: int, from_init: bool = False) -
     module = prepare(cfg)
     model = module.build_model()
     if not from_init:
-        set_model_state(model, load_model_state(ckpt), ckpt)
+        load_weights_into(model, ckpt)
     model.train()
     gen = [p for n, p in model.named_parameters() if not n.startswith("e2e.") and not p.stop_gradient]
     w = cfg.E2E
@@ -250,14 +234,14 @@ def _save_pngs(images_u8: np.ndarray, folder: Path) -> None:
 
 def _load_model(run_dir: Path, module_cls_stage: str, args: Table7Run, paths: dict[str, Path],
                 seed: int) -> Any:
-    from ernie_vilg.checkpoint_io import latest_checkpoint, load_model_state, set_model_state
+    from ernie_vilg.checkpoint_io import latest_checkpoint, load_weights_into
     from ernie_vilg.stages import prepare
 
     cfg = _run_config(args, module_cls_stage, run_dir, paths, seed)
     module = prepare(cfg)
     model = module.build_model()
     ckpt = latest_checkpoint(run_dir / "checkpoints")
-    set_model_state(model, load_model_state(ckpt), ckpt)
+    load_weights_into(model, ckpt)
     model.eval()
     return module, model
 
@@ -491,11 +475,11 @@ def sample_grid(out: Path, seed: int, dest: Path, num: int = 8, first: int = 0, 
     from ernie_vilg.data.token_shards import TokenShards
 
     shared, sdir = out / "shared", out / f"s{seed}"
-    n = _num_records(Table7Run(data=Path("."), tokenizer=Path("."), out=out, num_eval=10 ** 9), shared)
+    if not (sdir / "table7.json").is_file():
+        raise Table7Error(f"{sdir}: no evaluated seed {seed}")
+    n = json.loads((sdir / "table7.json").read_text(encoding="utf-8"))["num_eval"]  # the run's, not the split's
     folders = [shared / f"real_{n}", sdir / "eval" / "row1", sdir / "eval" / "row2", sdir / "eval" / "row3",
                shared / f"row4_{n}", sdir / "eval" / "row5"]
-    if not (sdir / "table7.json").is_file() and not (sdir / "eval").is_dir():
-        raise Table7Error(f"{sdir}: no evaluated seed {seed}")
     names = [f"{i:05d}.png" for i in range(first, min(first + num, n))]
     if not names:
         raise Table7Error(f"--first {first}: the run has {n} test images")

@@ -26,8 +26,8 @@ class OutputLock:
     is gone (killed, machine rebooted) is stale and taken over. The same process may take it
     again (a Trainer rebuilt in one process resumes its own run)."""
 
-    def __init__(self, folder: str | Path) -> None:
-        self.path = Path(folder) / LOCK_FILE
+    def __init__(self, folder: str | Path, filename: str = LOCK_FILE) -> None:
+        self.path = Path(folder) / filename
         self.held = False
 
     def _owner(self) -> tuple[int, str]:
@@ -60,6 +60,14 @@ class OutputLock:
             self.held = True
             return self
         raise CheckpointError(f"{self.path}: could not take the output folder's lock")
+
+    def try_acquire(self) -> bool:
+        """`acquire`, but False instead of an error while another live process holds the lock."""
+        try:
+            self.acquire()
+        except CheckpointError:
+            return False
+        return True
 
     def release(self) -> None:
         if self.held and self._owner() == (os.getpid(), socket.gethostname()):
